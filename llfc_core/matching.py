@@ -1,0 +1,213 @@
+"""Aligning B to A by permutations: weight matching (WM), activation matching (AM) and STE.
+
+All three return permutations in the convention of `llfc_core.permutation` (B's unit perm[i] moves to
+position i), to be applied with `apply_permutation(model_b, spec, perms)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .permutation import PermutationSpec, SpecError, apply_permutation, identity_perms, permute_param, permute_state
+from .settings import progress
+
+
+@dataclass
+class MatchResult:
+    perms: dict[str, torch.Tensor]
+    objective: list[float] = field(default_factory=list)  # after each sweep (WM) / the final value (AM)
+    sweeps: int = 0
+
+
+def check_same_architecture(state_a: dict, state_b: dict) -> None:
+    if set(state_a) != set(state_b):
+        diff = sorted(set(state_a) ^ set(state_b))
+        raise SpecError(f"the two models have different parameters: {diff[:5]}")
+    for k in state_a:
+        if state_a[k].shape != state_b[k].shape:
+            raise SpecError(f"parameter {k!r} has shape {tuple(state_a[k].shape)} in A but {tuple(state_b[k].shape)} in B")
+
+
+def solve_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """argmax_perm sum_i cost[i, perm[i]], with scipy's Jonker-Volgenant solver."""
+    _, cols = linear_sum_assignment(cost.detach().cpu().double().numpy(), maximize=True)
+    return torch.from_numpy(cols.astype(np.int64))
+
+
+# -------------------------------------------------------------------------------------- weight matching
+def _float_entries(spec: PermutationSpec, state: dict) -> dict:
+    """Weight matching uses parameters and running statistics alike, but not integer counters."""
+    return {k: v for k, v in state.items() if v.is_floating_point() and any(a is not None for a in spec.axes[k])}
+
+
+def weight_matching_objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
+    """sum over matched tensors of <W_A, pi(W_B)>; maximising it minimises sum ||W_A - pi(W_B)||^2."""
+    a = _float_entries(spec, state_a)
+    return float(sum((a[k] * permute_param(spec, perms, state_b, k)).sum(dtype=torch.float64) for k in a))
+
+
+def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_sweeps: int = 100,
+                    seed: int = 0, init: dict | None = None, device=None) -> MatchResult:
+    """Coordinate descent on the permutations: each step solves one linear assignment, the others fixed.
+
+    The cost matrix of permutation p is  sum over (tensor w, axis d) carrying p  of
+    A_w (moved to rows along d) @ pi_{-p}(B_w)^T. Each such term depends only on the *other*
+    permutations of w, so it is cached and rebuilt only when one of them changed since: after the
+    first sweep most terms are reused. Stops after a sweep in which no step improved.
+    """
+    check_same_architecture(state_a, state_b)
+    device = torch.device(device) if device else next(iter(state_a.values())).device
+    a = {k: v.to(device, torch.float32) for k, v in _float_entries(spec, state_a).items()}
+    b = {k: v.to(device, torch.float32) for k, v in _float_entries(spec, state_b).items()}
+    sizes = spec.sizes(state_a)
+    perms = {p: v.to(device) for p, v in (init or identity_perms(sizes)).items()}
+    places = {p: [(k, ax) for k, ax in spec.perm_to_axes[p] if k in a] for p in sizes}
+    version = {p: 0 for p in sizes}
+    terms: dict[tuple[str, int], tuple[tuple, torch.Tensor]] = {}
+    a_rows = {(k, ax): torch.movedim(a[k], ax, 0).reshape(a[k].shape[ax], -1) for p in places for k, ax in places[p]}
+
+    def cost_of(p: str) -> torch.Tensor:
+        total = torch.zeros(sizes[p], sizes[p], device=device, dtype=torch.float32)
+        for k, ax in places[p]:
+            deps = tuple(version[q] if q is not None else 0 for i, q in enumerate(spec.axes[k]) if i != ax)
+            cached = terms.get((k, ax))
+            if cached is None or cached[0] != deps:
+                w_b = torch.movedim(permute_param(spec, perms, b, k, except_axis=ax), ax, 0).reshape(sizes[p], -1)
+                cached = (deps, a_rows[(k, ax)] @ w_b.T)
+                terms[(k, ax)] = cached
+            total += cached[1]
+        return total
+
+    rng = np.random.default_rng(seed)
+    names = sorted(sizes)
+    history = [weight_matching_objective(spec, perms, a, b)]
+    bar = progress(total=max_sweeps, desc="weight matching", leave=False)
+    for sweep in range(1, max_sweeps + 1):
+        improved = False
+        for p in rng.permutation(names):
+            cost = cost_of(p).double()
+            new = solve_assignment(cost).to(device)
+            old_value = cost[torch.arange(sizes[p], device=device), perms[p]].sum()
+            new_value = cost[torch.arange(sizes[p], device=device), new].sum()
+            # A relative tolerance keeps float noise from bouncing between equal-cost solutions.
+            if new_value > old_value + 1e-12 * max(1.0, abs(old_value.item())):
+                perms[p], version[p], improved = new, version[p] + 1, True
+        history.append(weight_matching_objective(spec, perms, a, b))
+        bar.update(1)
+        if not improved:
+            break
+    bar.close()
+    return MatchResult({p: v.cpu() for p, v in perms.items()}, history, sweep)
+
+
+# ---------------------------------------------------------------------------------- activation matching
+@torch.no_grad()
+def activation_matching(model_a, model_b, spec: PermutationSpec, batches, *, normalize: bool = False) -> MatchResult:
+    """One streaming pass: accumulate A^T B (float64) per permutation over every tap carrying it, then
+    solve one assignment per permutation. `normalize=True` matches correlations instead of raw inner
+    products (Git Re-Basin's choice); the default follows the paper's min ||H_A - P H_B||_F^2.
+    """
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    if not spec.activations:
+        raise SpecError("this spec names no activations to match (PermutationSpec.activations is empty)")
+    stats = {p: None for p in spec.activations}
+    model_a.eval(), model_b.eval()
+    captured = {"a": {}, "b": {}}
+    hooks = []
+    for tag, model in (("a", model_a), ("b", model_b)):
+        modules = dict(model.named_modules())
+        for p, names in spec.activations.items():
+            for name in names:
+                if name not in modules:
+                    raise SpecError(f"spec names activation {name!r}, which the model does not have")
+                hooks.append(modules[name].register_forward_hook(_store(captured[tag], name)))
+    try:
+        for x, _ in batches:
+            model_a(x), model_b(x)
+            for p, names in spec.activations.items():
+                for name in names:
+                    fa, fb = (_channels_last_rows(captured[t].pop(name)).double() for t in ("a", "b"))
+                    s = stats[p] or {"ab": 0.0, "a": 0.0, "b": 0.0, "aa": 0.0, "bb": 0.0, "n": 0}
+                    s["ab"] = s["ab"] + fa.T @ fb
+                    s["a"], s["b"] = s["a"] + fa.sum(0), s["b"] + fb.sum(0)
+                    s["aa"], s["bb"] = s["aa"] + (fa * fa).sum(0), s["bb"] + (fb * fb).sum(0)
+                    s["n"] += fa.shape[0]
+                    stats[p] = s
+    finally:
+        for h in hooks:
+            h.remove()
+    perms, total = {}, 0.0
+    for p, s in stats.items():
+        if s is None:
+            raise ValueError("activation matching got no batches")
+        cost = s["ab"]
+        if normalize:
+            n = s["n"]
+            mean_a, mean_b = s["a"] / n, s["b"] / n
+            cov = cost / n - torch.outer(mean_a, mean_b)
+            std_a = (s["aa"] / n - mean_a ** 2).clamp_min(0).sqrt()
+            std_b = (s["bb"] / n - mean_b ** 2).clamp_min(0).sqrt()
+            cost = cov / (torch.outer(std_a, std_b) + 1e-12)
+        perms[p] = solve_assignment(cost)
+        total += cost[torch.arange(len(perms[p])), perms[p].to(cost.device)].sum().item()
+    return MatchResult(perms, [total], 1)
+
+
+def _store(bucket: dict, name: str):
+    def hook(module, inputs, output):
+        bucket[name] = output.detach()
+    return hook
+
+
+def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (N, C, H, W) -> rows of channel vectors: every sample and position is an observation."""
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ STE
+def ste_matching(model_a, model_b, spec: PermutationSpec, batches_fn, *, epochs: int = 1, lr: float = 1e-3,
+                 seed: int = 0) -> MatchResult:
+    """Straight-through estimator (Git Re-Basin): learn a proxy theta~ (started at A); each step projects it
+    onto B's permutation orbit by weight matching, evaluates the midpoint 0.5 (A + pi(B)) with the
+    projection in the forward pass and theta~ in the backward pass, and steps theta~ with Adam.
+    `batches_fn(epoch)` yields (x, y) training batches. Returns the final projection's permutations.
+    """
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
+    state_b = {k: v.detach() for k, v in model_b.state_dict().items()}
+    param_keys = [k for k, _ in model_a.named_parameters()]
+    proxy = {k: state_a[k].clone().requires_grad_(True) for k in param_keys}
+    opt = torch.optim.Adam(proxy.values(), lr=lr)
+
+    def proxy_state():
+        return {**state_a, **{k: v.detach() for k, v in proxy.items()}}
+
+    result = weight_matching(spec, state_a, state_b, seed=seed)
+    losses = []
+    model_a.train()  # BN (if any) uses batch statistics at the midpoint, as in Git Re-Basin
+    for epoch in range(epochs):
+        for x, y in batches_fn(epoch):
+            result = weight_matching(spec, proxy_state(), state_b, seed=seed, init=result.perms)
+            projected = permute_state(spec, result.perms, state_b)
+            # Straight-through: the forward pass sees the projection, the gradient flows into the proxy.
+            mid = {k: 0.5 * (state_a[k] + proxy[k] + (projected[k] - proxy[k]).detach()) if k in proxy
+                   else (0.5 * (state_a[k] + projected[k]) if state_a[k].is_floating_point() else state_a[k])
+                   for k in state_a}
+            loss = F.cross_entropy(functional_call(model_a, mid, (x,)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    model_a.eval()
+    final = weight_matching(spec, proxy_state(), state_b, seed=seed, init=result.perms)
+    return MatchResult(final.perms, losses, len(losses))
+
+
+def align(model_a, model_b, spec: PermutationSpec, perms) -> torch.nn.Module:
+    """pi(B): B permuted onto A's unit order (a new model)."""
+    return apply_permutation(model_b, spec, perms)

@@ -1,0 +1,367 @@
+"""The paper's layerwise quantities for a pair (A, B), computed in one streaming pass over the data.
+
+Taps (see `llfc_core.models`): every `nn.ReLU` module (input = pre-activation H~, output = feature f),
+every `nn.Linear` / `nn.Conv2d` (input = layer input H, used by commutativity), and the logits.
+For each batch the pass runs A and B once, keeps their taps for that batch only, then runs each
+theta_alpha; its hooks compare on the fly. Everything is reduced per sample at once and summed in
+float64 accumulators, so memory does not grow with the number of samples.
+
+Per feature layer l (each ReLU, then the logits) and alpha:
+  cos_dist          E_x[1 - cos(f_l(theta_alpha; x), alpha f_l(A; x) + (1-alpha) f_l(B; x))]   (LLFC)
+  cos_dist_baseline E_x[1 - cos(f_l(A; x), f_l(B; x))]
+  scale_c           <f_interp, f_alpha> / ||f_alpha||^2 over the data set (Theorem 1 predicts 1)
+  thm1_dist         dist(f_l(theta_alpha), alpha f_A + (1-alpha) f_B) over the data set: how far
+                    Theorem 1's conclusion (LLFC with c = 1) is from holding exactly
+  dist_sigma        dist(relu(alpha H~_A + (1-alpha) H~_B), alpha relu(H~_A) + (1-alpha) relu(H~_B))   (Condition I)
+Per linear op (its depth is the feature layer it feeds):
+  dist_com          dist(W_A H_A + W_B H_B, W_A H_B + W_B H_A), with the op's own conv/linear, no bias  (Condition II)
+  dist_w, dist_h    dist(W_A, W_B), dist(H_A, H_B)
+with dist(x, y) = ||x - y||^2 / (||x|| ||y||), given over the whole data set (Frobenius) and as
+`*_sample`, the mean over samples.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .interpolate import corrected_interpolation
+
+LINEAR_OPS = (nn.Linear, nn.Conv2d)
+LOGITS = "logits"
+# Log-spaced bins for per-sample 1 - cos in [1e-10, 2] (below goes to a bin starting at 0): neighbouring
+# edges differ by 5 %, and a quantile is reported as its bin's geometric centre (within 2.5 %).
+_HIST_EDGES = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-10, math.log10(2.0), 480, dtype=torch.float64)])
+
+
+class TapError(ValueError):
+    """The model's taps cannot be measured (reused or in-place ReLU modules, missing layers)."""
+
+
+# ------------------------------------------------------------------------------------------ accumulator
+class PairAccumulator:
+    """Sums over samples for a pair of tensors (x, y) with a leading sample axis."""
+
+    def __init__(self):
+        self.n = self.n_zero = 0
+        self.sxx = self.syy = self.sxy = self.sdd = 0.0
+        self.sum_cos_dist = self.sum_cos_dist_sq = self.sum_dist = 0.0
+        self.hist = torch.zeros(len(_HIST_EDGES), dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor, diff: torch.Tensor | None = None) -> None:
+        """Add a batch; `diff` (x - y computed without cancellation) may be given when known."""
+        x, y = x.flatten(1).double(), y.flatten(1).double()
+        d = (x - y) if diff is None else diff.flatten(1).double()
+        xx, yy, xy, dd = (x * x).sum(1), (y * y).sum(1), (x * y).sum(1), (d * d).sum(1)
+        denom = (xx * yy).sqrt()
+        zero = denom == 0
+        both_zero = (xx == 0) & (yy == 0)
+        # Two all-zero vectors are the same point: cosine 1, distance 0.
+        cos = torch.where(both_zero, torch.ones_like(xy), xy / denom.clamp_min(1e-300))
+        cos_dist = (1 - cos).clamp(0, 2)
+        self.n += len(x)
+        self.n_zero += int((zero & ~both_zero).sum())
+        self.sxx += xx.sum().item(); self.syy += yy.sum().item()
+        self.sxy += xy.sum().item(); self.sdd += dd.sum().item()
+        self.sum_cos_dist += cos_dist.sum().item()
+        self.sum_cos_dist_sq += (cos_dist * cos_dist).sum().item()
+        self.sum_dist += torch.where(zero, torch.zeros_like(dd), dd / denom.clamp_min(1e-300)).sum().item()
+        idx = torch.bucketize(cos_dist.cpu(), _HIST_EDGES, right=True) - 1
+        self.hist += torch.bincount(idx.clamp(0, len(_HIST_EDGES) - 1), minlength=len(_HIST_EDGES)).double()
+
+    def quantile(self, q: float) -> float:
+        cdf = torch.cumsum(self.hist, 0) / max(self.n, 1)
+        i = min(int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))), len(_HIST_EDGES) - 2)
+        if i == 0:
+            return 0.0
+        return float((_HIST_EDGES[i] * _HIST_EDGES[i + 1]).sqrt())
+
+    def summary(self, prefix: str = "") -> dict[str, float]:
+        """cos_dist (mean 1-cos), its std and quantiles, frob_cos_dist, scale (<x,y>/||x||^2), dist, dist_sample."""
+        n, norm = max(self.n, 1), math.sqrt(self.sxx * self.syy)
+        mean = self.sum_cos_dist / n
+        return {f"{prefix}cos_dist": mean,
+                f"{prefix}cos_dist_std": math.sqrt(max(self.sum_cos_dist_sq / n - mean ** 2, 0.0)),
+                f"{prefix}cos_dist_p50": self.quantile(0.5),
+                f"{prefix}cos_dist_p90": self.quantile(0.9),
+                f"{prefix}frob_cos_dist": 1 - self.sxy / norm if norm > 0 else 0.0,
+                f"{prefix}scale": self.sxy / self.sxx if self.sxx > 0 else float("nan"),
+                f"{prefix}dist": self.sdd / norm if norm > 0 else 0.0,
+                f"{prefix}dist_sample": self.sum_dist / max(self.n - self.n_zero, 1)}
+
+
+def dist(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||x - y||^2 / (||x|| ||y||) over whole tensors (float64)."""
+    x, y = x.double(), y.double()
+    return float(((x - y) ** 2).sum() / (x.norm() * y.norm()))
+
+
+# ------------------------------------------------------------------------------------------------- taps
+def find_taps(model: nn.Module, example: torch.Tensor) -> dict:
+    """Run one forward pass and list the tapped modules in execution order, with each layer's depth.
+
+    Returns {"relus": [...], "linears": [...], "depth": {name: l}} where depth counts feature layers
+    (ReLUs, then the logits at depth L) and a linear op gets the depth of the feature layer it feeds.
+    """
+    order: list[str] = []
+    calls: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ReLU):
+            if m.inplace:
+                raise TapError(f"ReLU {name!r} is in-place, which destroys its pre-activation; use nn.ReLU()")
+        if isinstance(m, (nn.ReLU, *LINEAR_OPS)):
+            def hook(module, inputs, output, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                order.append(name)
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example[:2])
+    finally:
+        for h in handles:
+            h.remove()
+    reused = [n for n, c in calls.items() if c > 1]
+    if reused:
+        raise TapError(f"modules {reused[:3]} run more than once per forward pass; give each use its own module")
+    modules = dict(model.named_modules())
+    relus = [n for n in order if isinstance(modules[n], nn.ReLU)]
+    if not relus:
+        raise TapError("the model has no nn.ReLU modules to measure (functional ReLUs cannot be tapped)")
+    depth, pending = {}, []
+    for n in order:
+        if isinstance(modules[n], nn.ReLU):
+            depth[n] = relus.index(n) + 1
+            for p in pending:
+                depth[p] = depth[n]
+            pending = []
+        else:
+            pending.append(n)
+    depth[LOGITS] = len(relus) + 1
+    for p in pending:
+        depth[p] = depth[LOGITS]
+    return {"relus": relus, "linears": [n for n in order if not isinstance(modules[n], nn.ReLU)], "depth": depth}
+
+
+class _Recorder:
+    """Forward hooks that keep a model's taps for the current batch."""
+
+    def __init__(self, model: nn.Module, relus: list[str], linears: list[str]):
+        self.pre, self.post, self.inputs = {}, {}, {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._relu(n)) for n in relus]
+        self.handles += [modules[n].register_forward_hook(self._linear(n)) for n in linears]
+
+    def _relu(self, name):
+        def fn(module, inputs, output):
+            self.pre[name], self.post[name] = inputs[0].detach(), output.detach()
+        return fn
+
+    def _linear(self, name):
+        def fn(module, inputs, output):
+            self.inputs[name] = inputs[0].detach()
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _apply_linear(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own linear map with another weight and no bias (no unfolding of convolutions)."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, weight)
+
+
+# ------------------------------------------------------------------------------------------ the pass
+@torch.no_grad()
+def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.25, 0.5, 0.75),
+                  correction: str = "none", calibration=None, interpolated: dict | None = None) -> dict[str, pd.DataFrame]:
+    """LLFC, Condition I, Condition II and the Theorem 1 residual for every layer, in one streaming pass.
+
+    `batches`: an iterable of (x, y) on the models' device (the evaluation data; y is unused).
+    `correction` / `calibration`: how theta_alpha is built (see `llfc_core.interpolate`); or pass the
+    models directly as `interpolated={alpha: model}`.
+    Returns {"llfc": frame per (layer, alpha), "conditions": frame per (layer, alpha)}.
+    """
+    batches = iter(batches)
+    first = next(batches)
+    taps = find_taps(model_a, first[0])
+    relus, linears, depth = taps["relus"], taps["linears"], taps["depth"]
+    _check_same_taps(model_b, first[0], taps)
+    if interpolated is None:
+        interpolated = {a: corrected_interpolation(model_a, model_b, a, correction, calibration or []) for a in alphas}
+    alphas = sorted(interpolated)
+    feats = relus + [LOGITS]
+    llfc = {(l, a): PairAccumulator() for l in feats for a in alphas}
+    base = {l: PairAccumulator() for l in feats}
+    sigma = {(l, a): PairAccumulator() for l in relus for a in alphas}
+    com, hdist = {l: PairAccumulator() for l in linears}, {l: PairAccumulator() for l in linears}
+    mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
+    rec_a, rec_b = _Recorder(model_a.eval(), relus, linears), _Recorder(model_b.eval(), relus, linears)
+    try:
+        for x, _ in _chain(first, batches):
+            logits_a, logits_b = model_a(x), model_b(x)
+            fa, fb = {**rec_a.post, LOGITS: logits_a}, {**rec_b.post, LOGITS: logits_b}
+            for l in feats:
+                base[l].add(fa[l], fb[l])
+            for l in linears:
+                m, wa, wb = mods_a[l], mods_a[l].weight, mods_b[l].weight
+                ha, hb = rec_a.inputs[l], rec_b.inputs[l]
+                lhs = _apply_linear(m, wa, ha) + _apply_linear(m, wb, hb)
+                rhs = _apply_linear(m, wa, hb) + _apply_linear(m, wb, ha)
+                com[l].add(lhs, rhs, diff=_apply_linear(m, wa - wb, ha - hb))  # bilinearity, exact
+                hdist[l].add(ha, hb)
+            for a in alphas:
+                for l in relus:
+                    pa, pb = rec_a.pre[l], rec_b.pre[l]
+                    sigma[(l, a)].add(F.relu(a * pa + (1 - a) * pb), a * F.relu(pa) + (1 - a) * F.relu(pb))
+                _interpolated_features(interpolated[a], x, relus, fa, fb, a, llfc)
+    finally:
+        rec_a.remove(), rec_b.remove()
+    return _frames(relus, linears, feats, depth, alphas, llfc, base, sigma, com, hdist, mods_a, mods_b)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _check_same_taps(model_b, example, taps_a) -> None:
+    taps_b = find_taps(model_b, example)
+    if taps_b["relus"] != taps_a["relus"] or taps_b["linears"] != taps_a["linears"]:
+        raise TapError("A and B have different layers: "
+                       f"{sorted(set(taps_a['relus'] + taps_a['linears']) ^ set(taps_b['relus'] + taps_b['linears']))[:5]}")
+
+
+def _interpolated_features(model, x, relus, fa, fb, alpha, llfc) -> None:
+    """Run theta_alpha; each ReLU hook compares its output with the interpolated endpoint features."""
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def fn(module, inputs, output):
+            llfc[(name, alpha)].add(output, alpha * fa[name] + (1 - alpha) * fb[name])
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in relus]
+    try:
+        logits = model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    llfc[(LOGITS, alpha)].add(logits, alpha * fa[LOGITS] + (1 - alpha) * fb[LOGITS])
+
+
+def _frames(relus, linears, feats, depth, alphas, llfc, base, sigma, com, hdist, mods_a, mods_b):
+    rows = []
+    for l in feats:
+        b = base[l].summary()
+        for a in alphas:
+            s = llfc[(l, a)].summary()
+            rows.append({"layer": l, "depth": depth[l], "alpha": a, "cos_dist": s["cos_dist"],
+                         "cos_dist_std": s["cos_dist_std"], "cos_dist_p50": s["cos_dist_p50"],
+                         "cos_dist_p90": s["cos_dist_p90"], "frob_cos_dist": s["frob_cos_dist"],
+                         "cos_dist_baseline": b["cos_dist"], "frob_cos_dist_baseline": b["frob_cos_dist"],
+                         "scale_c": s["scale"], "thm1_dist": s["dist"]})
+    cond = []
+    for a in alphas:
+        for l in relus:
+            s = sigma[(l, a)].summary()
+            cond.append({"layer": l, "kind": "relu", "depth": depth[l], "alpha": a,
+                         "dist_sigma": s["dist"], "dist_sigma_sample": s["dist_sample"]})
+        for l in linears:
+            c, h = com[l].summary(), hdist[l].summary()
+            cond.append({"layer": l, "kind": "linear", "depth": depth[l], "alpha": a,
+                         "dist_com": c["dist"], "dist_com_sample": c["dist_sample"],
+                         "dist_w": dist(mods_a[l].weight, mods_b[l].weight),
+                         "dist_h": h["dist"], "dist_h_sample": h["dist_sample"]})
+    return {"llfc": pd.DataFrame(rows), "conditions": pd.DataFrame(cond)}
+
+
+# ----------------------------------------------------------------------------------------- appendix
+@torch.no_grad()
+def lemma1_check(curve: pd.DataFrame) -> pd.DataFrame:
+    """Lemma 1: error(theta_alpha) <= 2 max(Err_A, Err_B). Per split: the worst error along alpha and the bound."""
+    rows = []
+    keys = [c for c in ("setting", "pair", "correction", "split") if c in curve.columns]
+    for group, g in curve.groupby(keys, sort=False):
+        ends = g[g.alpha.isin([g.alpha.min(), g.alpha.max()])].error
+        rows.append({**dict(zip(keys, group if isinstance(group, tuple) else (group,))),
+                     "max_error": float(g.error.max()), "bound": 2 * float(ends.max()),
+                     "holds": bool(g.error.max() <= 2 * ends.max())})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.DataFrame:
+    """Feed A's layer-l feature into B's remaining layers (B's own output at l is replaced), per ReLU l."""
+    batches = list(batches)
+    taps = find_taps(model_a, batches[0][0])
+    wrong = {l: 0 for l in taps["relus"]}
+    total = 0
+    modules_b = dict(model_b.named_modules())
+    rec_a = _Recorder(model_a.eval(), taps["relus"], [])
+    try:
+        for x, y in batches:
+            model_a(x)
+            total += len(y)
+            for l in taps["relus"]:
+                h = modules_b[l].register_forward_hook(lambda m, i, o, f=rec_a.post[l]: f)
+                try:
+                    wrong[l] += int((model_b.eval()(x).argmax(1) != y).sum())
+                finally:
+                    h.remove()
+    finally:
+        rec_a.remove()
+    return pd.DataFrame([{"layer": l, "depth": taps["depth"][l], "stitch_error": wrong[l] / total} for l in taps["relus"]])
+
+
+@torch.no_grad()
+def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 10) -> pd.DataFrame:
+    """Per ReLU layer: angles (degrees) between the top-k left singular subspaces of A's and B's features
+    (channels x (samples * positions)), from streamed Gram matrices; also each side's top singular values."""
+    batches = iter(batches)
+    first = next(batches)
+    taps = find_taps(model_a, first[0])
+    relus = taps["relus"]
+    gram = {(t, l): 0.0 for t in "ab" for l in relus}
+    rec_a, rec_b = _Recorder(model_a.eval(), relus, []), _Recorder(model_b.eval(), relus, [])
+    try:
+        for x, _ in _chain(first, batches):
+            model_a(x), model_b(x)
+            for l in relus:
+                for t, rec in (("a", rec_a), ("b", rec_b)):
+                    f = rec.post[l]
+                    rows = f if f.dim() == 2 else f.movedim(1, -1).reshape(-1, f.shape[1])
+                    gram[(t, l)] = gram[(t, l)] + rows.double().T @ rows.double()
+    finally:
+        rec_a.remove(), rec_b.remove()
+    out = []
+    for l in relus:
+        (ev_a, u_a), (ev_b, u_b) = (torch.linalg.eigh(gram[(t, l)]) for t in "ab")
+        kk = min(k, u_a.shape[0])
+        top_a, top_b = u_a[:, -kk:], u_b[:, -kk:]  # eigh sorts ascending
+        cosines = torch.linalg.svdvals(top_a.T @ top_b).clamp(-1, 1)
+        angles = torch.rad2deg(torch.arccos(cosines)).cpu().numpy()
+        sv_a = ev_a.flip(0).clamp_min(0).sqrt()
+        out.append({"layer": l, "depth": taps["depth"][l], "k": kk, "mean_angle": float(np.mean(angles)),
+                    "max_angle": float(np.max(angles)),
+                    "energy_top_k_a": float((sv_a[:kk] ** 2).sum() / (sv_a ** 2).sum().clamp_min(1e-300))})
+    return pd.DataFrame(out)
+
+
+def weight_spectra(model: nn.Module) -> pd.DataFrame:
+    """Singular values of every linear op's weight (out x rest), normalised by the largest."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, LINEAR_OPS):
+            s = torch.linalg.svdvals(m.weight.detach().flatten(1).double())
+            for i, v in enumerate((s / s[0]).tolist()):
+                rows.append({"layer": name, "index": i, "singular_value": v})
+    return pd.DataFrame(rows)

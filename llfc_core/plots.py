@@ -1,0 +1,48 @@
+"""The few figure styles the chapters share (seaborn on tidy frames)."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+PAIR_ORDER = ["spawn", "wm", "am", "ste", "naive", "identity", "random"]
+PALETTE = dict(zip(PAIR_ORDER, sns.color_palette("colorblind", len(PAIR_ORDER))))
+
+
+def _order(values) -> list:
+    return [p for p in PAIR_ORDER if p in set(values)] + sorted(set(values) - set(PAIR_ORDER))
+
+
+def interpolation_curves(lmc: pd.DataFrame, metric: str = "error"):
+    """metric along alpha, one panel per setting, colour = pair, dashes = split."""
+    order = _order(lmc.pair)
+    g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=order, palette=PALETTE, style="split",
+                    col="setting", kind="line", marker="o", markersize=4, height=3, aspect=1.1,
+                    facet_kws={"sharey": False})
+    g.set_titles("{col_name}")
+    g.set_xlabels("α  (α = 1 is model A)")
+    return g
+
+
+def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str = "pair", log: bool = True,
+              col: str = "setting", ylabel: str | None = None):
+    """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour."""
+    order = _order(frame[hue])
+    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=PALETTE, col=col, kind="line",
+                    marker="o", markersize=4, height=3, aspect=1.1, facet_kws={"sharey": False, "sharex": False},
+                    errorbar=None)
+    if baseline is not None:
+        for name, ax in g.axes_dict.items():
+            sub = frame[frame[col] == name]
+            for h in order:
+                part = sub[sub[hue] == h].groupby("depth")[baseline].mean()
+                ax.plot(part.index, part.values, ls="--", lw=1, color=PALETTE.get(h, "grey"))
+    if log:
+        g.set(yscale="log")
+    g.set_titles("{col_name}")
+    g.set_axis_labels("layer depth ℓ", ylabel or y)
+    return g
+
+
+def show():
+    plt.show()

@@ -1,0 +1,116 @@
+"""Result tables under results/<profile>/ and the manifest that says what produced them.
+
+A chapter asks `load_or_compute(profile, table, settings, compute)`: a setting whose recorded hash
+matches is read from the committed CSV, any other (or all, with recompute=True) is computed and
+written back, and the manifest records profile, commit, device, torch, data copies, seeds, config
+hashes and minutes per chapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .experiments import SEEDS, Setting, setting_hash
+from .settings import default_device, repo_root
+
+TABLE_COLUMNS = {  # the documented columns come first, extras follow
+    "lmc": ["setting", "pair", "split", "alpha", "loss", "error", "correction"],
+    "llfc": ["setting", "pair", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
+    "conditions": ["setting", "pair", "layer", "depth", "alpha", "dist_sigma", "dist_com", "dist_w", "dist_h"],
+    "matching": ["setting", "method", "layer", "depth", "weight_gap", "feature_gap", "dist_com"],
+}
+
+
+def results_dir(profile: str) -> Path:
+    return Path(os.environ.get("LLFC_RESULTS", repo_root() / "results")) / profile
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    device = default_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def read_manifest(profile: str) -> dict:
+    path = results_dir(profile) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"profile": profile, "tables": {}, "chapters": {}}
+
+
+def write_manifest(profile: str, manifest: dict) -> None:
+    path = results_dir(profile) / "manifest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def order_columns(table: str, frame: pd.DataFrame) -> pd.DataFrame:
+    first = [c for c in TABLE_COLUMNS.get(table, []) if c in frame.columns]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def load_or_compute(profile: str, table: str, settings: dict[str, Setting], compute, *, recompute: bool = False,
+                    chapter: str | None = None) -> pd.DataFrame:
+    """Rows of `table` for `settings`, reusing committed rows whose setting hash is unchanged."""
+    path = results_dir(profile) / f"{table}.csv"
+    manifest = read_manifest(profile)
+    recorded = manifest.setdefault("tables", {}).setdefault(table, {})
+    old = pd.read_csv(path) if path.exists() else None
+    frames, computed = [], []
+    for name, setting in settings.items():
+        h = setting_hash(setting)
+        if not recompute and old is not None and recorded.get(name) == h and (old.setting == name).any():
+            frames.append(old[old.setting == name])
+            continue
+        frames.append(compute(setting))
+        recorded[name] = h
+        computed.append(name)
+    frame = order_columns(table, pd.concat(frames, ignore_index=True))
+    if computed:
+        keep = old[~old.setting.isin(frame.setting.unique())] if old is not None else None
+        merged = pd.concat([keep, frame], ignore_index=True) if keep is not None else frame
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged.to_csv(path, index=False, float_format="%.6g")
+        _describe(manifest, profile, settings, computed, chapter)
+        write_manifest(profile, manifest)
+    return frame
+
+
+def _describe(manifest: dict, profile: str, settings: dict[str, Setting], computed: list, chapter: str | None) -> None:
+    from .train import dataset_on
+
+    manifest.update({"profile": profile, "commit": git_commit(), "device": device_name(),
+                     "torch": torch.__version__, "seeds": SEEDS,
+                     "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+    manifest.setdefault("settings", {})
+    manifest.setdefault("data", {})
+    for name in computed:
+        s = settings[name]
+        manifest["settings"][name] = {"hash": setting_hash(s), "recipe": s.recipe.name, "model": s.recipe.model,
+                                      "pairs": list(s.pairs), "correction": s.correction, "notes": s.notes}
+        manifest["data"][s.recipe.dataset] = dataset_on(s.recipe.dataset, "test", "cpu").source
+
+
+def record_chapter_time(profile: str, chapter: str, minutes: float) -> None:
+    manifest = read_manifest(profile)
+    manifest.setdefault("chapters", {})[chapter] = {"minutes": round(minutes, 2), "commit": git_commit(),
+                                                   "device": device_name()}
+    write_manifest(profile, manifest)

@@ -1,0 +1,168 @@
+import gzip
+import hashlib
+import io
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from llfc_core import data
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return {s: data.load("mnist", s) for s in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    return {s: data.load("cifar10", s) for s in ("train", "test")}
+
+
+def test_mnist_shapes_balance_checksum(mnist):
+    tr, te = mnist["train"], mnist["test"]
+    assert tr.images.shape == (60000, 1, 28, 28) and te.images.shape == (10000, 1, 28, 28)
+    assert tr.images.dtype == torch.uint8 and tr.labels.dtype == torch.int64
+    counts = torch.bincount(tr.labels, minlength=10)
+    assert counts.min() >= 5000 and counts.max() <= 7000 and counts.sum() == 60000
+    assert tr.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the canonical first labels
+    assert hashlib.sha256(tr.images[:100].numpy().tobytes()).hexdigest()[:16] == "c8d7b3ac57a59fa4"
+    assert "offline copy" in tr.source
+
+
+def test_cifar_shapes_balance_checksum(cifar):
+    tr, te = cifar["train"], cifar["test"]
+    assert tr.images.shape == (50000, 3, 32, 32) and te.images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(tr.labels, minlength=10).tolist() == [5000] * 10
+    assert torch.bincount(te.labels, minlength=10).tolist() == [1000] * 10
+    assert hashlib.sha256(te.images[:100].numpy().tobytes()).hexdigest()[:16] == "a2d3124f5b8a37f9"
+    assert "cifar10-jpeg" in tr.source
+
+
+def _write_idx(path, array, compress=True, truncate=0):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = (header + array.astype(np.uint8).tobytes())[: -truncate or None]
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def _mnist_folder(tmp_path, n=20, **kw):
+    folder = tmp_path / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), **kw)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    return folder
+
+
+def test_explicit_path_reads_tiny_idx(tmp_path):
+    ds = data.load("mnist", "test", path=_mnist_folder(tmp_path))
+    assert ds.images.shape == (20, 1, 28, 28) and ds.source.startswith("explicit path")
+
+
+def test_truncated_idx_names_file(tmp_path):
+    folder = _mnist_folder(tmp_path, truncate=5)
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz is truncated"):
+        data.load("mnist", "test", path=folder)
+
+
+def test_corrupt_gzip_names_file(tmp_path):
+    folder = _mnist_folder(tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz"):
+        data.load("mnist", "test", path=folder)
+
+
+def test_bad_magic(tmp_path):
+    folder = _mnist_folder(tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x01\x02\x03\x04abcd"))
+    with pytest.raises(data.DataError, match="bad magic"):
+        data.load("mnist", "test", path=folder)
+
+
+def test_incomplete_official_copy_is_an_error(tmp_path):
+    _mnist_folder(tmp_path)  # 20 test images under <root>/MNIST/raw: not the full set
+    with pytest.raises(data.DataError, match="incomplete"):
+        data.load("mnist", "test", root=tmp_path)
+
+
+def test_corrupt_cifar_archive(tmp_path):
+    bad = tmp_path / "cifar.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("test/cat/0001.jpg")
+        payload = b"this is not a jpeg"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    bad.write_bytes(buf.getvalue()[:-20])
+    with pytest.raises(data.DataError, match="cifar.tar.gz"):
+        data.load("cifar10", "test", path=bad)
+
+
+def test_cifar_pickle_loader_refuses_code(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": print}))
+    with pytest.raises(data.DataError, match="refusing to load builtins.print"):
+        data.load("cifar10", "test", path=folder)
+
+
+def test_official_cifar_batches_are_read(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": images, b"labels": [3, 7]}))
+    ds = data.load("cifar10", "test", path=folder)
+    assert ds.images.shape == (2, 3, 32, 32) and ds.labels.tolist() == [3, 7]
+    assert torch.equal(ds.images[1].flatten(), torch.from_numpy(images[1]))
+
+
+def test_missing_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "repo_root", lambda: tmp_path)
+    with pytest.raises(data.DataError, match="no copy of mnist/test found"):
+        data.load("mnist", "test", root=tmp_path / "nowhere")
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.load("imagenet", "train")
+
+
+def test_import_and_load_without_torchvision():
+    """torchvision absent or broken must not matter: the core never imports it unless downloading."""
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "import llfc_core, llfc_core.data as d, llfc_core.experiments, llfc_core.metrics, llfc_core.matching\n"
+            "print(d.load('mnist', 'test').images.shape)\n"
+            "try:\n    d.load('mnist', 'test', root='/nonexistent', download=True)\n"
+            "except d.DataError as e:\n    print('clear error:', 'torchvision' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([10000, 1, 28, 28])" in out.stdout and "clear error: True" in out.stdout
+
+
+def test_batches_cover_data_once_and_are_seeded(mnist):
+    ds = mnist["test"].subset(1000)
+    seen = torch.cat([y for _, y in data.batches(ds, 128, shuffle=True, seed=3)])
+    assert len(seen) == 1000 and torch.equal(seen.sort().values, ds.labels.sort().values)
+    again = torch.cat([y for _, y in data.batches(ds, 128, shuffle=True, seed=3)])
+    other = torch.cat([y for _, y in data.batches(ds, 128, shuffle=True, seed=4)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+
+
+def test_crop_flip_matches_per_sample_definition():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = data.random_crop_flip(x, g, pad=2)
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 5, (2,), generator=g), torch.randint(0, 5, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        crop = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)

@@ -1,0 +1,101 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from llfc_core import data
+from llfc_core.interpolate import (barriers, corrected_interpolation, interpolate, interpolate_state,
+                                   interpolation_curve, repair_points, channel_stats)
+from llfc_core.models import build_model
+from llfc_core.recipes import Recipe
+from llfc_core.train import evaluate, train
+
+
+def test_alpha_one_is_a_and_zero_is_b():
+    a, b = build_model({"arch": "mlp", "widths": [8]}), build_model({"arch": "mlp", "widths": [8]})
+    for k, v in interpolate(a, b, 1.0).state_dict().items():
+        assert torch.equal(v, a.state_dict()[k])
+    for k, v in interpolate(a, b, 0.0).state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    mid = interpolate_state(a.state_dict(), b.state_dict(), 0.25)
+    assert torch.allclose(mid["fc1.weight"], 0.25 * a.fc1.weight + 0.75 * b.fc1.weight)
+
+
+def test_barrier_of_a_model_with_itself_is_zero():
+    ds = data.load("mnist", "test").subset(300)
+    a = build_model({"arch": "mlp", "widths": [16]})
+    curve = interpolation_curve(a, a, {"test": ds}, alphas=7)
+    row = barriers(curve).iloc[0]
+    assert row.loss_barrier == pytest.approx(0, abs=1e-6) and row.error_barrier == pytest.approx(0, abs=1e-12)
+
+
+def test_barrier_of_a_known_curve():
+    alphas = np.linspace(0, 1, 5)
+    loss = [1.0, 2.5, 3.0, 2.0, 0.0]  # endpoints: M(B) = 1 at alpha 0, M(A) = 0 at alpha 1
+    curve = pd.DataFrame({"alpha": alphas, "split": "test", "loss": loss, "error": [0.1, 0.3, 0.2, 0.1, 0.1]})
+    row = barriers(curve).iloc[0]
+    # linear reference at alpha: alpha * 0 + (1 - alpha) * 1 -> excess 2.5 - 0.75, 3 - 0.5, 2 - 0.25
+    assert row.loss_barrier == pytest.approx(2.5)
+    assert row.error_barrier == pytest.approx(0.2)
+
+
+def test_bn_reset_restores_accuracy_of_interpolated_bn_model():
+    recipe = Recipe("tiny-bn", "cifar10", {"arch": "vgg16", "norm": "bn", "width": 0.125}, epochs=3, lr=0.05,
+                    batch_size=64, train_subset=1000, schedule="triangle", warmup_epochs=0.5)
+    a = train(recipe, init_seed=0, data_seed=0, device="cpu").model
+    b = train(recipe, init_seed=0, data_seed=1, until=None, device="cpu").model  # same init: spawn-like pair
+    tr = data.load("cifar10", "train").subset(1000)
+    te = data.load("cifar10", "test").subset(500)
+    calib = list(data.batches(tr, 250))
+    plain = evaluate(corrected_interpolation(a, b, 0.5, "none", calib), te)["error"]
+    reset = evaluate(corrected_interpolation(a, b, 0.5, "bn_reset", calib), te)["error"]
+    ends = max(evaluate(a, te)["error"], evaluate(b, te)["error"])
+    print(f"endpoints {ends:.3f}, interpolated {plain:.3f}, after BN reset {reset:.3f}")
+    assert reset < plain and reset <= ends + 0.05
+
+
+def test_repair_matches_target_statistics():
+    torch.manual_seed(0)
+    a, b = build_model({"arch": "mlp", "widths": [32, 32]}), build_model({"arch": "mlp", "widths": [32, 32]})
+    x = torch.randn(512, 784)
+    batches = [(x[:256], None), (x[256:], None)]
+    alpha = 0.3
+    model = corrected_interpolation(a, b, alpha, "repair", batches)
+    names = repair_points(model)
+    assert names == ["fc1", "fc2"]
+    sa, sb, sm = (channel_stats(m, names, batches) for m in (a, b, model))
+    # The first point is exact; later ones match up to the batch-vs-data statistics difference.
+    mean_t = alpha * sa["fc1"][0] + (1 - alpha) * sb["fc1"][0]
+    std_t = alpha * sa["fc1"][1] + (1 - alpha) * sb["fc1"][1]
+    assert torch.allclose(sm["fc1"][0], mean_t, atol=1e-5) and torch.allclose(sm["fc1"][1], std_t, rtol=1e-3)
+    mean_t2 = alpha * sa["fc2"][0] + (1 - alpha) * sb["fc2"][0]
+    assert torch.allclose(sm["fc2"][0], mean_t2, atol=0.05)
+
+
+def test_unknown_correction_and_missing_calibration():
+    a = build_model({"arch": "vgg16", "width": 0.0625})
+    with pytest.raises(ValueError, match="unknown correction"):
+        corrected_interpolation(a, a, 0.5, "magic", [])
+    with pytest.raises(ValueError, match="needs `calibration`"):
+        interpolation_curve(a, a, {}, correction="bn_reset")
+
+
+def test_bn_reset_recovers_when_only_statistics_are_wrong():
+    """B = A with corrupted running statistics: theta_0.5 has A's weights and wrong statistics, so a BN
+    reset must bring back A's accuracy while the uncorrected interpolation is far off."""
+    recipe = Recipe("tiny-bn2", "cifar10", {"arch": "vgg16", "norm": "bn", "width": 0.125}, epochs=3, lr=0.05,
+                    batch_size=64, train_subset=2000, schedule="triangle", warmup_epochs=0.5)
+    a = train(recipe, init_seed=0, data_seed=0, device="cpu").model
+    b = interpolate(a, a, 1.0)
+    for m in b.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.mul_(25.0)
+            m.running_mean.add_(1.0)
+    te = data.load("cifar10", "test").subset(1000)
+    calib = list(data.batches(data.load("cifar10", "train").subset(2000, 7), 250))
+    err_a = evaluate(a, te)["error"]
+    plain = evaluate(corrected_interpolation(a, b, 0.5, "none", calib), te)["error"]
+    reset = evaluate(corrected_interpolation(a, b, 0.5, "bn_reset", calib), te)["error"]
+    print(f"A {err_a:.3f}, interpolated {plain:.3f}, after BN reset {reset:.3f}")
+    assert abs(reset - err_a) <= 0.03 and plain >= err_a + 0.1

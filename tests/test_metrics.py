@@ -1,0 +1,164 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from llfc_core import data
+from llfc_core.interpolate import interpolate
+from llfc_core.metrics import (LOGITS, PairAccumulator, layer_metrics, lemma1_check, principal_angles,
+                               stitching_errors)
+from llfc_core.models import build_model
+from llfc_core.reference import layer_metrics_materialised
+
+from .test_models import CONFIGS, randomise_norm_stats
+
+
+def tiny_pair():
+    """2-2-2 MLPs with hand-picked weights (see the hand computation in the test below)."""
+    a, b = (build_model({"arch": "mlp", "in_features": 2, "widths": [2], "num_classes": 2}) for _ in range(2))
+    with torch.no_grad():
+        for m in (a, b):
+            for p in m.parameters():
+                p.zero_()
+        a.fc1.weight.copy_(torch.eye(2)), a.head.weight.copy_(torch.eye(2))
+        b.fc1.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]])), b.head.weight.copy_(2 * torch.eye(2))
+    return a, b
+
+
+def test_metrics_equal_hand_computed_values():
+    a, b = tiny_pair()
+    x = torch.tensor([[1.0, 0.0], [1.0, -1.0]])
+    out = layer_metrics(a, b, [(x, None)], alphas=(0.5,))
+    llfc = out["llfc"].set_index("layer")
+    cond = out["conditions"].set_index("layer")
+    # relu1: f_A = (1,0),(1,0); f_B = (0,1),(0,1); theta_0.5 has W1 = [[.5,.5],[.5,.5]] so
+    # f_alpha = (.5,.5),(0,0); f_lin = (.5,.5),(.5,.5). Per sample 1 - cos = 0 and 1 (a zero vector).
+    assert llfc.loc["relu1", "cos_dist"] == pytest.approx(0.5)
+    assert llfc.loc["relu1", "cos_dist_baseline"] == pytest.approx(1.0)  # f_A orthogonal to f_B
+    assert llfc.loc["relu1", "scale_c"] == pytest.approx(1.0)  # <f_lin, f_a> = 0.5 = ||f_a||^2
+    assert llfc.loc["relu1", "thm1_dist"] == pytest.approx(0.5 / math.sqrt(0.5))  # ||d||^2 = .5, norms sqrt(.5), 1
+    assert cond.loc["relu1", "dist_sigma"] == pytest.approx(0.5 / math.sqrt(0.5))  # same two tensors here
+    # logits: W2_alpha = 1.5 I, so logits_alpha = (.75,.75),(0,0); f_lin = .5 (1,0) + .5 (0,2) = (.5, 1).
+    cos = (0.75 * 0.5 + 0.75 * 1.0) / (math.hypot(0.75, 0.75) * math.hypot(0.5, 1.0))
+    assert llfc.loc[LOGITS, "cos_dist"] == pytest.approx(((1 - cos) + 1) / 2)
+    assert llfc.loc[LOGITS, "scale_c"] == pytest.approx(1.125 / 1.125)
+    # commutativity at the head: W_A = I, W_B = 2I, H_A = (1,0), H_B = (0,1) per sample:
+    # lhs = H_A + 2 H_B = (1,2), rhs = H_B + 2 H_A = (2,1): ||lhs - rhs||^2 = 2 per sample, ||lhs||^2 = 5.
+    assert cond.loc["head", "dist_com"] == pytest.approx(4 / 10)
+    assert cond.loc["head", "dist_w"] == pytest.approx(2 / (math.sqrt(2) * math.sqrt(8)))
+    assert cond.loc["head", "dist_h"] == pytest.approx(4 / 2)
+    assert cond.loc["fc1", "dist_com"] == 0 and cond.loc["fc1", "dist_h"] == 0  # both see the input
+
+
+def test_accumulator_quantiles_and_zero_vectors():
+    acc = PairAccumulator()
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    acc.add(x, y)
+    s = acc.summary()
+    expected = [0.0, 0.0, 1 - 1 / math.sqrt(2), 1.0]
+    assert s["cos_dist"] == pytest.approx(sum(expected) / 4)
+    assert s["cos_dist_p90"] == pytest.approx(1.0, rel=0.03)
+    assert s["cos_dist_p50"] == 0.0  # half the samples are identical
+    assert s["dist_sample"] == pytest.approx((0 + 0 + 1 / math.sqrt(2) + 2 / 1) / 4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg16-bn", "resnet20-bn", "resnet20x2-ln"])
+def test_streaming_equals_materialised_reference(name):
+    config, shape = CONFIGS[name]
+    torch.manual_seed(1)
+    a = randomise_norm_stats(build_model(config))
+    torch.manual_seed(2)
+    b = randomise_norm_stats(build_model(config))
+    x = torch.randn(48, *shape[1:])
+    cuts = sorted(torch.randperm(46)[:3].add(1).tolist())  # random, uneven batch splits
+    batches = [(x[i:j], None) for i, j in zip([0] + cuts, cuts + [48])]
+    fast = layer_metrics(a, b, batches, alphas=(0.25, 0.75))
+    ref = layer_metrics_materialised(a, b, x, alphas=(0.25, 0.75))
+    for _, row in fast["llfc"].iterrows():
+        expected = ref["llfc"][(row.layer, row.alpha)]
+        for col in ("cos_dist", "cos_dist_baseline", "scale_c", "thm1_dist"):
+            assert row[col] == pytest.approx(expected[col], rel=1e-6, abs=1e-9), (row.layer, col)
+    cond = fast["conditions"]
+    for _, row in cond[cond.kind == "relu"].iterrows():
+        assert row.dist_sigma == pytest.approx(ref["sigma"][(row.layer, row.alpha)], rel=1e-6, abs=1e-9)
+    for _, row in cond[cond.kind == "linear"].iterrows():
+        for col in ("dist_com", "dist_w", "dist_h"):
+            assert row[col] == pytest.approx(ref["com"][row.layer][col], rel=1e-6, abs=1e-9), (row.layer, col)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20-bn"])
+def test_a_model_with_itself_satisfies_everything(name):
+    config, shape = CONFIGS[name]
+    a = randomise_norm_stats(build_model(config))
+    out = layer_metrics(a, a, [(torch.randn(16, *shape[1:]), None)])
+    assert (out["llfc"].cos_dist.abs() < 1e-6).all() and (out["llfc"].thm1_dist.abs() < 1e-6).all()
+    assert ((out["llfc"].scale_c - 1).abs() < 1e-5).all()
+    cond = out["conditions"]
+    assert (cond.dist_sigma.dropna() == 0).all() and (cond.dist_com.dropna() == 0).all()
+
+
+def conditions_pair():
+    """A two-layer pair built to satisfy both conditions exactly on any data:
+    W1_B = 2 W1_A, b1_B = 2 b1_A (same activation patterns: weak additivity), and W2_B = W2_A + D where
+    D touches only hidden units that are dead on the data (so (W2_A - W2_B) H = 0: commutativity)."""
+    torch.manual_seed(0)
+    a = build_model({"arch": "mlp", "in_features": 6, "widths": [10], "num_classes": 3})
+    with torch.no_grad():
+        a.fc1.bias[7:] = -1e3  # units 7, 8, 9 never fire
+    b = interpolate(a, a, 1.0)
+    with torch.no_grad():
+        b.fc1.weight.mul_(2), b.fc1.bias.mul_(2)
+        b.head.weight[:, 7:] += torch.randn(3, 3)
+        b.head.bias.add_(0.5)
+    return a, b
+
+
+def test_theorem1_holds_exactly_when_its_conditions_hold():
+    a, b = conditions_pair()
+    out = layer_metrics(a, b, [(torch.randn(64, 6), None)], alphas=(0.25, 0.5, 0.75))
+    cond, llfc = out["conditions"], out["llfc"]
+    assert (cond.dist_sigma.dropna() < 1e-12).all()      # Condition I
+    assert (cond.dist_com.dropna() < 1e-12).all()        # Condition II
+    assert (cond[cond.layer == "head"].dist_w > 0.01).all()  # ... with genuinely different weights
+    assert (llfc.thm1_dist < 1e-10).all()                # conclusion: LLFC ...
+    assert ((llfc.scale_c - 1).abs() < 1e-6).all()       # ... with c = 1, in every layer
+
+
+def test_unrelated_pair_violates_the_conditions():
+    torch.manual_seed(0)
+    config = {"arch": "mlp", "in_features": 20, "widths": [32, 32], "num_classes": 5}
+    a, b = build_model(config), build_model(config)
+    out = layer_metrics(a, b, [(torch.randn(128, 20), None)])
+    cond = out["conditions"]
+    assert (cond.dist_sigma.dropna() > 0.01).all()
+    hidden = cond[(cond.kind == "linear") & (cond.layer != "fc1")]
+    assert (hidden.dist_com > 0.1).all()
+    assert (out["llfc"][out["llfc"].layer != LOGITS].cos_dist > 0.01).all()
+
+
+def test_every_resnet_relu_is_measured():
+    a = build_model({"arch": "resnet20", "width": 1})
+    out = layer_metrics(a, a, [(torch.randn(4, 3, 32, 32), None)], alphas=(0.5,))
+    layers = set(out["llfc"].layer)
+    assert len(layers) == 20 and {f"stage{s}.{b}.relu{r}" for s in (1, 2, 3) for b in range(3) for r in (1, 2)} < layers
+    assert set(out["conditions"][out["conditions"].kind == "linear"].layer) >= {"stage2.0.shortcut.conv", "head"}
+
+
+def test_stitching_and_angles_of_a_model_with_itself():
+    ds = data.load("mnist", "test").subset(400)
+    a = build_model({"arch": "mlp", "widths": [16, 16]})
+    batches = list(data.batches(ds, 100))
+    err = sum(int((a(x).argmax(1) != y).sum()) for x, y in batches) / 400
+    stitch = stitching_errors(a, a, batches)
+    assert (stitch.stitch_error == err).all() and list(stitch.layer) == ["relu1", "relu2"]
+    angles = principal_angles(a, a, batches, k=4)
+    assert (angles.max_angle < 1e-3).all()
+
+
+def test_lemma1_check():
+    curve = pd.DataFrame({"alpha": [0, 0.5, 1], "split": "test", "error": [0.1, 0.25, 0.12]})
+    row = lemma1_check(curve).iloc[0]
+    assert row.bound == pytest.approx(0.24) and row.max_error == 0.25 and not row.holds
