@@ -12,7 +12,10 @@ setup:
 	@# which pip finds locally on the project's machines (an unpinned torch pulls GBs of CUDA).
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[book,test]"
-	$(PYTHON) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+	@# A kernel papermill and jupyter-book can start: in the environment, or for the user where the
+	@# environment is not writable (a system Python and no root).
+	$(PYTHON) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null 2>&1 || \
+		$(PYTHON) -m ipykernel install --user --name python3 --display-name "Python 3" >/dev/null
 
 book: setup
 	LLFC_PROGRESS=0 LLFC_THREADS=$(BOOK_THREADS) $(JUPYTER_BOOK) build . -W

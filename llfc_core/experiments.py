@@ -11,6 +11,7 @@ A serves every pair and the spawned prefix is trained once.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,7 +21,7 @@ from .matching import activation_matching, ste_matching, weight_matching
 from .permutation import apply_permutation
 from .recipes import CIFAR_MLP, MNIST_MLP, Recipe, get_recipe
 from .settings import default_device
-from .train import dataset_on, get_or_train, model_key
+from .train import dataset_on, get_or_train, model_config, model_key
 
 PAIRS = ("spawn", "naive", "wm", "am", "ste")
 SEEDS = {"init_a": 0, "parent_data": 0, "data_a": 1, "data_spawn": 2, "init_b": 1, "data_b": 3}
@@ -129,6 +130,8 @@ def get_settings(profile: str | None = None, only: list | None = None, **overrid
     if profile not in PROFILES:
         raise KeyError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
     settings = PROFILES[profile]
+    if isinstance(only, str):  # from the command line: '["a", "b"]' or 'a,b'
+        only = json.loads(only) if only.strip().startswith("[") else [n.strip() for n in only.split(",") if n.strip()]
     if only:
         unknown = set(only) - set(settings)
         if unknown:
@@ -147,19 +150,30 @@ class SettingModels:
     meta: dict = field(default_factory=dict)     # model name -> training metadata
 
 
+def model_plan(setting: Setting) -> dict[str, tuple]:
+    """name -> (init seed, data seed, spawn kwargs) of the models a setting needs."""
+    s = SEEDS
+    spawn = {"spawn_epoch": setting.spawn_epoch, "parent_data_seed": s["parent_data"]}
+    plan = {"a": (s["init_a"], s["data_a"], spawn)}
+    if "spawn" in setting.pairs:
+        plan["spawn"] = (s["init_a"], s["data_spawn"], spawn)
+    if set(setting.pairs) - {"spawn"}:
+        plan["independent"] = (s["init_b"], s["data_b"], {})
+    return plan
+
+
+def model_hashes(setting: Setting) -> dict[str, str]:
+    """The cache keys of a setting's models, without training anything."""
+    return {name: cache.config_hash(model_config(setting.recipe, init, data_seed, **kw))
+            for name, (init, data_seed, kw) in model_plan(setting).items()}
+
+
 def train_models(setting: Setting, device=None) -> SettingModels:
     """A, the spawn partner and the independent B of a setting, from the cache or trained."""
     device = device or default_device()
-    r, s = setting.recipe, SEEDS
-    spawn = {"spawn_epoch": setting.spawn_epoch, "parent_data_seed": s["parent_data"]}
-    specs = {"a": (s["init_a"], s["data_a"], spawn)}
-    if "spawn" in setting.pairs:
-        specs["spawn"] = (s["init_a"], s["data_spawn"], spawn)
-    if set(setting.pairs) - {"spawn"}:
-        specs["independent"] = (s["init_b"], s["data_b"], {})
     out = SettingModels(setting, None)
-    for name, (init, data_seed, kw) in specs.items():
-        model, meta = get_or_train(r, init, data_seed, device=device, **kw)
+    for name, (init, data_seed, kw) in model_plan(setting).items():
+        model, meta = get_or_train(setting.recipe, init, data_seed, device=device, **kw)
         out.keys[name], out.meta[name] = meta["key"], {"test": meta["test"], "data": meta.get("data")}
         if name == "a":
             out.a = model

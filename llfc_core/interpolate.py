@@ -71,8 +71,13 @@ def repair_points(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def channel_stats(model: nn.Module, names: list[str], batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and std (float64, over samples and positions) of the named modules' outputs."""
+def channel_stats(model: nn.Module, names: list[str], batches, renormalise_to: dict | None = None) -> dict:
+    """Per-channel mean and std (float64, over all samples and positions) of the named modules' outputs.
+
+    With `renormalise_to={name: (mean, std)}`, each output is also renormalised with its batch statistics
+    to that target as the pass goes (REPAIR's reset layers), so later points see corrected inputs; the
+    statistics returned are those of the outputs before renormalisation.
+    """
     sums: dict[str, list] = {}
     modules = dict(model.named_modules())
 
@@ -81,6 +86,12 @@ def channel_stats(model: nn.Module, names: list[str], batches) -> dict[str, tupl
             rows = out.movedim(1, -1).reshape(-1, out.shape[1]).double()
             s = sums.setdefault(name, [0.0, 0.0, 0])
             s[0], s[1], s[2] = s[0] + rows.sum(0), s[1] + (rows * rows).sum(0), s[2] + rows.shape[0]
+            if renormalise_to is None:
+                return None
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            mean, var = rows.mean(0).view(shape), rows.var(0, unbiased=False).view(shape)
+            mu_t, sd_t = (t.view(shape) for t in renormalise_to[name])
+            return ((out.double() - mean) / (var + 1e-10).sqrt() * sd_t + mu_t).to(out.dtype)
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -94,51 +105,28 @@ def channel_stats(model: nn.Module, names: list[str], batches) -> dict[str, tupl
     out = {}
     for n, (s1, s2, count) in sums.items():
         mean = s1 / count
-        out[n] = (mean, (s2 / count - mean ** 2).clamp_min(0).sqrt())
+        out[n] = (mean, ((s2 / count - mean ** 2).clamp_min(0) + 1e-10).sqrt())  # floor: dead channels
     return out
 
 
 @torch.no_grad()
 def repair(model: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha: float, batches) -> nn.Module:
-    """REPAIR in place: one pass in which each point is renormalised with its batch statistics to the
-    target statistics (so later layers see corrected inputs, as with Jordan et al.'s reset layers),
-    while its whole-data statistics are summed; those are then folded into the layer's weight and bias
-    (exact for the first point, approximate after it, as in the original)."""
+    """REPAIR in place: target statistics are the alpha-interpolation of A's and B's per-channel mean and
+    std at every repair point; one renormalising pass measures the interpolated model's statistics there,
+    which are then folded into each point's weight and bias (exact for the first point, approximate
+    after it, as in the original)."""
     names = repair_points(model)
     stats_a, stats_b = channel_stats(model_a, names, batches), channel_stats(model_b, names, batches)
     target = {n: (alpha * stats_a[n][0] + (1 - alpha) * stats_b[n][0],
                   alpha * stats_a[n][1] + (1 - alpha) * stats_b[n][1]) for n in names}
-    seen: dict[str, list] = {}
+    measured = channel_stats(model, names, batches, renormalise_to=target)
     modules = dict(model.named_modules())
-
-    def hook(name):
-        def fn(module, inputs, out):
-            rows = out.movedim(1, -1).reshape(-1, out.shape[1]).double()
-            mean, var = rows.mean(0), rows.var(0, unbiased=False)
-            s = seen.setdefault(name, [0.0, 0.0, 0])  # whole-data sums: exact statistics for the fold
-            s[0], s[1], s[2] = s[0] + rows.sum(0), s[1] + (rows * rows).sum(0), s[2] + rows.shape[0]
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            mu_t, sd_t = (t.view(shape) for t in target[name])
-            return ((out.double() - mean.view(shape)) / (var.view(shape) + 1e-10).sqrt() * sd_t + mu_t).to(out.dtype)
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        model.eval()
-        for x, _ in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
     for n in names:
-        m, (s1, s2, count) = modules[n], seen[n]
-        mean = s1 / count
-        std = ((s2 / count - mean ** 2).clamp_min(0) + 1e-10).sqrt()
-        scale = (target[n][1] / std)
-        shape = (-1,) + (1,) * (m.weight.dim() - 1)
-        m.weight.mul_(scale.view(shape).to(m.weight.dtype))
+        m, (mean, std) = modules[n], measured[n]
         if m.bias is None:
             raise ValueError(f"REPAIR needs a bias at {n!r} to fold the shift into")
+        scale = target[n][1] / std
+        m.weight.mul_(scale.view((-1,) + (1,) * (m.weight.dim() - 1)).to(m.weight.dtype))
         m.bias.copy_(((m.bias.double() - mean) * scale + target[n][0]).to(m.bias.dtype))
     return model
 

@@ -17,8 +17,8 @@ def interpolation_curves(lmc: pd.DataFrame, metric: str = "error"):
     """metric along alpha, one panel per setting, colour = pair, dashes = split."""
     order = _order(lmc.pair)
     g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=order, palette=PALETTE, style="split",
-                    col="setting", kind="line", marker="o", markersize=4, height=3, aspect=1.1,
-                    facet_kws={"sharey": False})
+                    col="setting", col_wrap=min(3, lmc.setting.nunique()), kind="line", marker="o", markersize=4,
+                    height=3.2, aspect=1.2, facet_kws={"sharey": False})
     g.set_titles("{col_name}")
     g.set_xlabels("α  (α = 1 is model A)")
     return g
@@ -28,9 +28,9 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
               col: str = "setting", ylabel: str | None = None):
     """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour."""
     order = _order(frame[hue])
-    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=PALETTE, col=col, kind="line",
-                    marker="o", markersize=4, height=3, aspect=1.1, facet_kws={"sharey": False, "sharex": False},
-                    errorbar=None)
+    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=PALETTE, col=col,
+                    col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
+                    aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=None)
     if baseline is not None:
         for name, ax in g.axes_dict.items():
             sub = frame[frame[col] == name]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .experiments import SEEDS, Setting, setting_hash
+from .experiments import SEEDS, Setting, model_hashes, setting_hash
 from .settings import default_device, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
@@ -105,7 +105,8 @@ def _describe(manifest: dict, profile: str, settings: dict[str, Setting], comput
     for name in computed:
         s = settings[name]
         manifest["settings"][name] = {"hash": setting_hash(s), "recipe": s.recipe.name, "model": s.recipe.model,
-                                      "pairs": list(s.pairs), "correction": s.correction, "notes": s.notes}
+                                      "model_keys": model_hashes(s), "pairs": list(s.pairs),
+                                      "correction": s.correction, "notes": s.notes}
         manifest["data"][s.recipe.dataset] = dataset_on(s.recipe.dataset, "test", "cpu").source
 
 

@@ -168,18 +168,24 @@ def model_key(recipe: Recipe, init_seed: int, data_seed: int, spawn: dict | None
             "stop_epoch": stop_epoch}
 
 
-def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spawn_epoch: int | None = None,
-                 parent_data_seed: int | None = None, device=None, root=None) -> tuple[torch.nn.Module, dict]:
-    """Load the model from the cache or train it. With `spawn_epoch=k`, the model is a child branched at
-    epoch k from the parent (init_seed, parent_data_seed), continuing with its own `data_seed`."""
-    device = torch.device(device or default_device())
+def model_config(recipe: Recipe, init_seed: int, data_seed: int, spawn_epoch: int | None = None,
+                 parent_data_seed: int | None = None) -> dict:
+    """The cache configuration of a (possibly spawned) model; its hash is the model's cache key."""
     spawn = None
     if spawn_epoch is not None:
         if not 0 < spawn_epoch < recipe.epochs:
             raise ValueError(f"spawn epoch must lie in 1..{recipe.epochs - 1}, got {spawn_epoch}")
         spawn = {"epoch": spawn_epoch, "parent_data_seed": parent_data_seed if parent_data_seed is not None else 0}
-    config = model_key(recipe, init_seed, data_seed, spawn)
-    key = cache.config_hash(config)
+    return model_key(recipe, init_seed, data_seed, spawn)
+
+
+def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spawn_epoch: int | None = None,
+                 parent_data_seed: int | None = None, device=None, root=None) -> tuple[torch.nn.Module, dict]:
+    """Load the model from the cache or train it. With `spawn_epoch=k`, the model is a child branched at
+    epoch k from the parent (init_seed, parent_data_seed), continuing with its own `data_seed`."""
+    device = torch.device(device or default_device())
+    config = model_config(recipe, init_seed, data_seed, spawn_epoch, parent_data_seed)
+    spawn, key = config["spawn"], cache.config_hash(config)
     folder = cache.entry_dir("models", key, root)
     if cache.has_entry(folder):
         return cache.load_model(folder, device)
