@@ -201,9 +201,17 @@ def load(name: str, split: str, *, path: str | Path | None = None, root: str | P
             if len(labels) != SIZES[(name, split)] and path is None:
                 raise DataError(f"{folder} gives {len(labels)} {name}/{split} samples, expected "
                                 f"{SIZES[(name, split)]}: the copy is incomplete.")
-            return Dataset(name, split, images, labels, f"{source}: {folder}")
+            return Dataset(name, split, images, labels, f"{source}: {_display_path(folder)}")
     raise DataError(f"no copy of {name}/{split} found: looked in {path or ''} {root} and {shipped}. "
                     f"Copy the files into {shipped} (see data/README.md) or pass download=True with internet.")
+
+
+def _display_path(path: Path) -> str:
+    """Paths inside the repository are recorded relative to it, so results do not name a machine."""
+    try:
+        return str(Path(path).resolve().relative_to(repo_root().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _candidates(name: str, path, root: Path, download: bool):

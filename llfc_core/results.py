@@ -46,7 +46,12 @@ def device_name() -> str:
     device = default_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.machine()
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
 def read_manifest(profile: str) -> dict:
