@@ -44,13 +44,14 @@ class TapError(ValueError):
 
 # ------------------------------------------------------------------------------------------ accumulator
 class PairAccumulator:
-    """Sums over samples for a pair of tensors (x, y) with a leading sample axis."""
+    """Sums over samples for a pair of tensors (x, y) with a leading sample axis. The sums stay on the
+    tensors' device in float64 (no host synchronisation per batch) until `summary()`."""
+
+    _SUMS = ("xx", "yy", "xy", "dd", "cos_dist", "cos_dist_sq", "dist", "n", "n_zero")
 
     def __init__(self):
-        self.n = self.n_zero = 0
-        self.sxx = self.syy = self.sxy = self.sdd = 0.0
-        self.sum_cos_dist = self.sum_cos_dist_sq = self.sum_dist = 0.0
-        self.hist = torch.zeros(len(_HIST_EDGES), dtype=torch.float64)
+        self.sums = None
+        self.hist = None
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor, diff: torch.Tensor | None = None) -> None:
@@ -64,18 +65,24 @@ class PairAccumulator:
         # Two all-zero vectors are the same point: cosine 1, distance 0.
         cos = torch.where(both_zero, torch.ones_like(xy), xy / denom.clamp_min(1e-300))
         cos_dist = (1 - cos).clamp(0, 2)
-        self.n += len(x)
-        self.n_zero += int((zero & ~both_zero).sum())
-        self.sxx += xx.sum().item(); self.syy += yy.sum().item()
-        self.sxy += xy.sum().item(); self.sdd += dd.sum().item()
-        self.sum_cos_dist += cos_dist.sum().item()
-        self.sum_cos_dist_sq += (cos_dist * cos_dist).sum().item()
-        self.sum_dist += torch.where(zero, torch.zeros_like(dd), dd / denom.clamp_min(1e-300)).sum().item()
-        idx = torch.bucketize(cos_dist.cpu(), _HIST_EDGES, right=True) - 1
-        self.hist += torch.bincount(idx.clamp(0, len(_HIST_EDGES) - 1), minlength=len(_HIST_EDGES)).double()
+        batch = torch.stack([xx.sum(), yy.sum(), xy.sum(), dd.sum(), cos_dist.sum(), (cos_dist * cos_dist).sum(),
+                             torch.where(zero, torch.zeros_like(dd), dd / denom.clamp_min(1e-300)).sum(),
+                             torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                             (zero & ~both_zero).sum().double()])
+        edges = _HIST_EDGES.to(x.device)
+        idx = (torch.bucketize(cos_dist, edges, right=True) - 1).clamp(0, len(edges) - 1)
+        counts = torch.bincount(idx, minlength=len(edges)).double()
+        self.sums = batch if self.sums is None else self.sums + batch
+        self.hist = counts if self.hist is None else self.hist + counts
+
+    def totals(self) -> dict[str, float]:
+        """The sums as plain numbers (one host transfer)."""
+        return dict(zip(self._SUMS, self.sums.tolist())) if self.sums is not None else dict.fromkeys(self._SUMS, 0.0)
 
     def quantile(self, q: float) -> float:
-        cdf = torch.cumsum(self.hist, 0) / max(self.n, 1)
+        if self.hist is None:
+            return float("nan")
+        cdf = torch.cumsum(self.hist.cpu(), 0) / max(self.totals()["n"], 1)
         i = min(int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))), len(_HIST_EDGES) - 2)
         if i == 0:
             return 0.0
@@ -83,16 +90,17 @@ class PairAccumulator:
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         """cos_dist (mean 1-cos), its std and quantiles, frob_cos_dist, scale (<x,y>/||x||^2), dist, dist_sample."""
-        n, norm = max(self.n, 1), math.sqrt(self.sxx * self.syy)
-        mean = self.sum_cos_dist / n
+        t = self.totals()
+        n, norm = max(t["n"], 1), math.sqrt(t["xx"] * t["yy"])
+        mean = t["cos_dist"] / n
         return {f"{prefix}cos_dist": mean,
-                f"{prefix}cos_dist_std": math.sqrt(max(self.sum_cos_dist_sq / n - mean ** 2, 0.0)),
+                f"{prefix}cos_dist_std": math.sqrt(max(t["cos_dist_sq"] / n - mean ** 2, 0.0)),
                 f"{prefix}cos_dist_p50": self.quantile(0.5),
                 f"{prefix}cos_dist_p90": self.quantile(0.9),
-                f"{prefix}frob_cos_dist": 1 - self.sxy / norm if norm > 0 else 0.0,
-                f"{prefix}scale": self.sxy / self.sxx if self.sxx > 0 else float("nan"),
-                f"{prefix}dist": self.sdd / norm if norm > 0 else 0.0,
-                f"{prefix}dist_sample": self.sum_dist / max(self.n - self.n_zero, 1)}
+                f"{prefix}frob_cos_dist": 1 - t["xy"] / norm if norm > 0 else 0.0,
+                f"{prefix}scale": t["xy"] / t["xx"] if t["xx"] > 0 else float("nan"),
+                f"{prefix}dist": t["dd"] / norm if norm > 0 else 0.0,
+                f"{prefix}dist_sample": t["dist"] / max(t["n"] - t["n_zero"], 1)}
 
 
 def dist(x: torch.Tensor, y: torch.Tensor) -> float:
