@@ -90,6 +90,7 @@ def load_or_compute(profile: str, table: str, settings: dict[str, Setting], comp
         recorded[name] = h
         computed.append(name)
     frame = order_columns(table, pd.concat(frames, ignore_index=True))
+    frame.attrs["computed"] = computed  # which settings this call computed (the rest were read)
     if computed:
         keep = old[~old.setting.isin(frame.setting.unique())] if old is not None else None
         merged = pd.concat([keep, frame], ignore_index=True) if keep is not None else frame

@@ -15,12 +15,26 @@ def test_failed_claim_fails_unless_explained(tmp_path, monkeypatch):
     ch.check("b holds", False, "3 > 2")
     with pytest.raises(chapter.ClaimFailed, match="b holds"):
         ch.report()
-    ch = chapter.Chapter("99_test", "cpu", {}, deviations={"b holds": "because of X"})
+    ch = chapter.Chapter("99_test", "cpu", {}, deviations={"b holds": "because of X"}, computed=True)
     ch.check("b holds", False, "3 > 2")
     ch.check("c holds", True, "", deviation="unused when the claim passes")
     frame = ch.report()
     assert list(frame.status) == ["deviates (explained)", "pass"] and frame.explanation[1] == ""
     assert json.loads((tmp_path / "cpu" / "manifest.json").read_text())["chapters"]["99_test"]["minutes"] >= 0
+
+
+def test_reading_committed_results_leaves_the_manifest_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
+    settings = experiments.get_settings("smoke", ["mnist-mlp"])
+    compute = lambda s: pd.DataFrame({"setting": [s.name], "pair": ["naive"], "value": [1.0]})
+    first = chapter.Chapter("99_test", "smoke", settings)
+    first.table("demo", compute)
+    first.report()
+    recorded = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
+    second = chapter.Chapter("99_test", "smoke", settings)
+    second.table("demo", lambda s: pytest.fail("recomputed fresh results"))
+    second.report()
+    assert not second.computed and json.loads((tmp_path / "smoke" / "manifest.json").read_text()) == recorded
 
 
 def test_smoke_profile_shows_but_does_not_enforce(tmp_path, monkeypatch):
