@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 
@@ -37,6 +38,8 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
             for h in order:
                 part = sub[sub[hue] == h].groupby("depth")[baseline].mean()
                 ax.plot(part.index, part.values, ls="--", lw=1, color=PALETTE.get(h, "grey"))
+    for ax in g.axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are layer numbers
     if log:
         g.set(yscale="log")
     g.set_titles("{col_name}")
