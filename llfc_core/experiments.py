@@ -327,3 +327,24 @@ def appendix_tables(setting: Setting, device=None, k: int = 10):
         angles.append(_pair_frame("angles", models, pair, lambda a=a, b=b: principal_angles(
             a, b, _metric_batches(setting, device), k=k), {"k": k}))
     return pd.concat(stitch, ignore_index=True), pd.concat(angles, ignore_index=True)
+
+
+def spectra_table(setting: Setting, device=None):
+    """Weight singular-value summaries (`metrics.weight_spectra`) of A, its spawn partner and the
+    independent B, per linear op, with each layer's depth (chapter 4's low-rank view)."""
+    import pandas as pd
+
+    from .metrics import find_taps, weight_spectra
+
+    device = device or default_device()
+    models = train_models(setting, device)
+    example = next(data.batches(eval_splits(setting, device)["test"], 2))[0]
+    depth = find_taps(models.a, example)["depth"]
+    frames = []
+    for name, model in {"a": models.a, **models.others}.items():
+        frame = weight_spectra(model)
+        frame.insert(0, "model", name)
+        frame.insert(0, "setting", setting.name)
+        frame.insert(3, "depth", frame.layer.map(depth))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

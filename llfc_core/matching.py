@@ -267,8 +267,3 @@ def ste_matching(model_a, model_b, spec: PermutationSpec, batches_fn, *, epochs:
     model_a.eval()
     final = weight_matching(spec, proxy_state(), state_b, seed=seed, init=result.perms)
     return MatchResult(final.perms, losses, len(losses))
-
-
-def align(model_a, model_b, spec: PermutationSpec, perms) -> torch.nn.Module:
-    """pi(B): B permuted onto A's unit order (a new model)."""
-    return apply_permutation(model_b, spec, perms)

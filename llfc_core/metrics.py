@@ -365,11 +365,16 @@ def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 1
 
 
 def weight_spectra(model: nn.Module) -> pd.DataFrame:
-    """Singular values of every linear op's weight (out x rest), normalised by the largest."""
+    """The low-rank view of each linear op's weight (out x rest): normalised singular values s_i / s_1 at
+    a few ranks, the stable rank ||W||_F^2 / ||W||_2^2, and the share of ||W||_F^2 in the top 10 values."""
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, LINEAR_OPS):
-            s = torch.linalg.svdvals(m.weight.detach().flatten(1).double())
-            for i, v in enumerate((s / s[0]).tolist()):
-                rows.append({"layer": name, "index": i, "singular_value": v})
+            s = torch.linalg.svdvals(m.weight.detach().flatten(1).double().cpu())
+            energy = s ** 2
+            row = {"layer": name, "full_rank": len(s), "stable_rank": float(energy.sum() / energy[0]),
+                   "energy_top10": float(energy[:10].sum() / energy.sum())}
+            for k in (2, 5, 10, 20):
+                row[f"sv{k}"] = float(s[k - 1] / s[0]) if len(s) >= k else float("nan")
+            rows.append(row)
     return pd.DataFrame(rows)

@@ -29,7 +29,8 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
               col: str = "setting", ylabel: str | None = None):
     """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour."""
     order = _order(frame[hue])
-    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=PALETTE, col=col,
+    palette = PALETTE if set(order) <= set(PALETTE) else None  # pairs get fixed colours, anything else defaults
+    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=palette, col=col,
                     col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
                     aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=None)
     if baseline is not None:
@@ -37,7 +38,7 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
             sub = frame[frame[col] == name]
             for h in order:
                 part = sub[sub[hue] == h].groupby("depth")[baseline].mean()
-                ax.plot(part.index, part.values, ls="--", lw=1, color=PALETTE.get(h, "grey"))
+                ax.plot(part.index, part.values, ls="--", lw=1, color=(palette or {}).get(h, "grey"))
     for ax in g.axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are layer numbers
     if log:
@@ -45,7 +46,3 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
     g.set_titles("{col_name}")
     g.set_axis_labels("layer depth ℓ", ylabel or y)
     return g
-
-
-def show():
-    plt.show()

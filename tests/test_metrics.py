@@ -162,3 +162,15 @@ def test_lemma1_check():
     curve = pd.DataFrame({"alpha": [0, 0.5, 1], "split": "test", "error": [0.1, 0.25, 0.12]})
     row = lemma1_check(curve).iloc[0]
     assert row.bound == pytest.approx(0.24) and row.max_error == 0.25 and not row.holds
+
+
+def test_weight_spectra_of_a_known_matrix():
+    from llfc_core.metrics import weight_spectra
+
+    model = build_model({"arch": "mlp", "in_features": 3, "widths": [3], "num_classes": 3})
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.diag(torch.tensor([4.0, 2.0, 1.0])))
+        model.head.weight.copy_(torch.eye(3))
+    row = weight_spectra(model).set_index("layer").loc["fc1"]
+    assert row.sv2 == pytest.approx(0.5) and row.full_rank == 3
+    assert row.stable_rank == pytest.approx((16 + 4 + 1) / 16) and row.energy_top10 == pytest.approx(1.0)
