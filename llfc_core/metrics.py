@@ -52,6 +52,7 @@ class PairAccumulator:
     def __init__(self):
         self.sums = None
         self.hist = None
+        self.edges = None  # the histogram edges on the data's device, copied once
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor, diff: torch.Tensor | None = None) -> None:
@@ -69,9 +70,10 @@ class PairAccumulator:
                              torch.where(zero, torch.zeros_like(dd), dd / denom.clamp_min(1e-300)).sum(),
                              torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
                              (zero & ~both_zero).sum().double()])
-        edges = _HIST_EDGES.to(x.device)
-        idx = (torch.bucketize(cos_dist, edges, right=True) - 1).clamp(0, len(edges) - 1)
-        counts = torch.bincount(idx, minlength=len(edges)).double()
+        if self.edges is None or self.edges.device != x.device:
+            self.edges = _HIST_EDGES.to(x.device)
+        idx = (torch.bucketize(cos_dist, self.edges, right=True) - 1).clamp(0, len(self.edges) - 1)
+        counts = torch.bincount(idx, minlength=len(self.edges)).double()
         self.sums = batch if self.sums is None else self.sums + batch
         self.hist = counts if self.hist is None else self.hist + counts
 
