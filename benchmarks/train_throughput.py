@@ -5,7 +5,7 @@ tensor-only DataLoader is printed beside it. The last line is `speedup: <N>x` (o
 torchvision-style loop, MNIST MLP). Also times the cpu-mlp-mnist recipe to its test accuracy.
 
     python benchmarks/train_throughput.py            # CPU: MNIST MLP 3x512 (<= 5 min)
-    python benchmarks/train_throughput.py --conv     # also ResNet-20 and VGG-16 (meant for a GPU)
+    python benchmarks/train_throughput.py --full     # also ResNet-20 and VGG-16 (meant for a GPU)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from llfc_core import data
 from llfc_core.recipes import Recipe, get_recipe
-from llfc_core.settings import configure_threads, default_device
+from llfc_core.runtime import configure_threads, default_device
 from llfc_core.train import evaluate, train
 
 
@@ -114,7 +114,8 @@ def compare(name: str, recipe: Recipe, device, steps: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conv", action="store_true", help="also ResNet-20 and VGG-16 (batch 128 and 512)")
+    parser.add_argument("--full", "--conv", dest="conv", action="store_true",
+                        help="also ResNet-20 and VGG-16 (batch 128 and 512)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     threads = configure_threads(args.threads)

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .settings import cache_root
+from .runtime import cache_root
 
 CODE_VERSION = 1  # bump when a change alters trained weights or computed results
 

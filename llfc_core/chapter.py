@@ -2,14 +2,18 @@
 chapter, read or compute its tables, and check the paper's claims with stated tolerances."""
 from __future__ import annotations
 
+import base64
+import html
+import io
 import os
 import time
 from dataclasses import dataclass, field
 
 import pandas as pd
 
-from . import experiments, results
-from .settings import configure_threads, default_device
+from . import claims, profiles, results
+from .pairs import provenance
+from .runtime import configure_threads, default_device
 
 
 class ClaimFailed(AssertionError):
@@ -23,27 +27,69 @@ class Chapter:
     settings: dict
     recompute: bool = False
     started: float = field(default_factory=time.time)
-    checks: list = field(default_factory=list)
-    deviations: dict = field(default_factory=dict)  # claim -> why it does not reproduce at this profile
+    checks: list = field(default_factory=list)  # claim rows (`llfc_core.claims`), reviewed at the end
+    deviations: dict | None = None  # None: `claims.DEVIATIONS` of the profile (tests pass their own)
     computed: bool = False  # did this run compute any table (rather than read committed results)?
+    tables: list = field(default_factory=list)  # the tables this chapter read, in order
+    figures: int = 0
 
     def table(self, table: str, compute) -> pd.DataFrame:
-        frame = results.load_or_compute(self.profile, table, self.settings, compute, recompute=self.recompute,
-                                        chapter=self.name)
+        """The chapter's rows of `table`: committed where their setting is unchanged, else `compute(setting)`."""
+        hashes = {name: profiles.setting_hash(s) for name, s in self.settings.items()}
+        frame = results.load_or_compute(self.profile, table, hashes, lambda name: compute(self.settings[name]),
+                                        lambda name: provenance(self.settings[name]), recompute=self.recompute)
         self.computed |= bool(frame.attrs.get("computed"))
+        if table not in self.tables:
+            self.tables.append(table)
         return frame
 
-    def check(self, claim: str, ok: bool, detail: str = "", deviation: str | None = None) -> None:
-        """Record a claim. A failed claim counts as a documented deviation only when the chapter states
-        why for this profile (`deviation`, or `self.deviations[claim]`); otherwise it fails the run."""
-        deviation = deviation or self.deviations.get(claim)
-        status = "pass" if ok else ("deviates (explained)" if deviation else "FAIL")
-        deviation = deviation if not ok else ""
-        self.checks.append({"claim": claim, "status": status, "detail": detail, "explanation": deviation or ""})
+    def _link(self, name: str) -> str:
+        """A link to a results file, relative to the chapter (the built site holds a copy of results/)."""
+        return f'<a href="../results/{self.profile}/{name}" download>{name}</a>'
+
+    def sources(self):
+        """The tables this chapter read, as links a reader can take away, with the manifest."""
+        from IPython.display import HTML
+
+        links = " · ".join(self._link(f"{t}.csv") for t in self.tables)
+        return HTML(f'<p class="llfc-sources">The numbers behind this chapter (profile <code>{self.profile}</code>, '
+                    f"settings {html.escape(', '.join(self.settings))}): {links}; what made them: "
+                    f'{self._link("manifest.json")}.</p>')
+
+    def figure(self, plot, what: str, table: str):
+        """Show a figure with a caption that says what it is and what made it (profile, settings, the
+        CSV it was drawn from): an HTML figure, so the caption travels with it into the book."""
+        import matplotlib.pyplot as plt
+        from IPython.display import HTML
+
+        fig = getattr(plot, "figure", plot)  # a seaborn grid carries its matplotlib figure
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        self.figures += 1
+        image = base64.b64encode(buffer.getvalue()).decode()
+        shown = sorted(set(plot.data.setting)) if hasattr(plot, "data") and "setting" in plot.data else list(self.settings)
+        caption = (f"<b>Figure {self.figures}.</b> {html.escape(what)} Profile <code>{self.profile}</code>; "
+                   f"settings: {html.escape(', '.join(shown))}; drawn from {self._link(table + '.csv')}.")
+        return HTML(f'<figure class="llfc-figure"><img src="data:image/png;base64,{image}" alt="{html.escape(what)}" '
+                    f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>')
+
+    def check(self, rows: list[dict]) -> pd.DataFrame:
+        """Record claim rows (from `llfc_core.claims`); returns them reviewed, to show under a figure."""
+        self.checks += rows
+        return self.verdicts(rows)
+
+    def verdicts(self, rows: list[dict]) -> pd.DataFrame:
+        """The measured value of each claim and its tolerance, with its status (REPAIR's habit: the
+        number right under the figure it belongs to)."""
+        frame = claims.review(rows, self.profile, self.deviations)
+        return frame[["claim", "setting", "pair", "split", "value", "tolerance", "status", "detail"]].round(4)
 
     def report(self) -> pd.DataFrame:
-        """Show the checks; on a non-smoke profile an unexplained failure raises (and fails the run)."""
-        frame = pd.DataFrame(self.checks, columns=["claim", "status", "detail", "explanation"])
+        """All the chapter's checks with their explanations; on a non-smoke profile an unexplained failure
+        raises (and fails the run), as does an explanation that no failing check uses."""
+        frame = claims.review(self.checks, self.profile, self.deviations)[
+            ["claim", "setting", "pair", "split", "status", "detail", "explanation"]]
         minutes = (time.time() - self.started) / 60
         if self.computed:  # a run that only read committed results leaves their provenance alone
             results.record_chapter_time(self.profile, self.name, minutes)
@@ -51,14 +97,17 @@ class Chapter:
         failed = frame[frame.status == "FAIL"]
         if len(failed) and self.profile != "smoke":
             raise ClaimFailed(f"{len(failed)} claim(s) failed:\n" + failed.to_string(index=False))
+        if self.profile == "smoke" and len(frame):
+            frame = frame.assign(note="smoke: shown, not enforced")
         return frame
 
 
-def start(name: str, profile: str | None = None, settings: list | None = None, recompute: bool = False,
+def start(name: str, profile: str | None = None, setting_names: list | str | None = None, recompute: bool = False,
           threads: int | None = None, **overrides) -> Chapter:
-    """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without."""
+    """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without.
+    `setting_names`: a subset of the profile's settings (default: all of them)."""
     configure_threads(threads)
-    profile = profile or os.environ.get("LLFC_PROFILE") or experiments.default_profile()
-    chosen = experiments.get_settings(profile, settings, **overrides)
+    profile = profile or os.environ.get("LLFC_PROFILE") or profiles.default_profile()
+    chosen = profiles.get_settings(profile, setting_names, **overrides)
     print(f"chapter {name}: profile {profile!r}, device {default_device()}, settings {list(chosen)}")
     return Chapter(name, profile, chosen, recompute or os.environ.get("LLFC_RECOMPUTE") == "1")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .settings import cache_root, data_root, repo_root
+from .runtime import cache_root, data_root, repo_root
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the training sets (0-255 scale), used to normalise on the device.

@@ -26,6 +26,8 @@ CORRECTIONS = ("none", "bn_reset", "repair")
 
 def interpolate_state(state_a: dict, state_b: dict, alpha: float) -> dict:
     """Float tensors are interpolated; integer buffers (BN batch counters) are taken from A."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1] (1 is A, 0 is B), got {alpha}")
     return {k: alpha * a + (1 - alpha) * state_b[k] if a.is_floating_point() else a.clone()
             for k, a in state_a.items()}
 
@@ -131,33 +133,42 @@ def repair(model: nn.Module, model_a: nn.Module, model_b: nn.Module, alpha: floa
     return model
 
 
-def corrected_interpolation(model_a, model_b, alpha: float, correction: str, batches) -> nn.Module:
-    """theta_alpha with the named correction applied (`batches`: calibration data for the corrections)."""
+def needs_calibration(model: nn.Module, correction: str) -> bool:
+    """Whether building theta_alpha with this correction needs training batches."""
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}; choose from {CORRECTIONS}")
+    return correction == "repair" or (correction == "bn_reset" and has_batchnorm(model))
+
+
+def corrected_interpolation(model_a, model_b, alpha: float, correction: str, calibration=None) -> nn.Module:
+    """theta_alpha with the named correction applied. `calibration`: a list of (x, y) training batches,
+    required by 'repair' and by 'bn_reset' on BatchNorm models (an empty list would reset the
+    statistics to mean 0 / variance 1, silently wrong)."""
+    if needs_calibration(model_a, correction) and not calibration:
+        raise ValueError(f"correction {correction!r} needs `calibration` training batches; got none")
     model = interpolate(model_a, model_b, alpha)
     if correction in ("bn_reset", "repair") and has_batchnorm(model):
-        reset_bn(model, batches)
+        reset_bn(model, calibration)
     if correction == "repair":
-        repair(model, model_a, model_b, alpha, batches)
+        repair(model, model_a, model_b, alpha, calibration)
     return model
 
 
 def alpha_grid(alphas=21) -> np.ndarray:
-    return np.linspace(0.0, 1.0, alphas) if isinstance(alphas, int) else np.asarray(alphas, dtype=float)
+    """`alphas` evenly spaced points on [0, 1], or the given values, which must lie in [0, 1]."""
+    grid = np.linspace(0.0, 1.0, alphas) if isinstance(alphas, int) else np.asarray(alphas, dtype=float)
+    if grid.size == 0 or not np.all((grid >= 0) & (grid <= 1)):
+        raise ValueError(f"alphas must lie in [0, 1] (1 is A, 0 is B), got {grid.tolist()}")
+    return grid
 
 
 def interpolation_curve(model_a, model_b, splits: dict[str, data.Dataset], *, alphas=21, correction: str = "none",
-                        calibration: data.Dataset | None = None, batch_size: int = 1000) -> pd.DataFrame:
-    """Loss and error of theta_alpha on each split; a tidy frame (alpha, split, loss, error, correction)."""
-    device = next(model_a.parameters()).device
-    needs_data = correction == "repair" or (correction == "bn_reset" and has_batchnorm(model_a))
-    if needs_data and calibration is None:
-        raise ValueError(f"correction {correction!r} needs `calibration` training data")
-    batches = calibration_batches(calibration, device) if needs_data else []
+                        calibration: list | None = None, batch_size: int = 1000) -> pd.DataFrame:
+    """Loss and error of theta_alpha on each split; a tidy frame (alpha, split, loss, error, correction).
+    `calibration`: training batches for the corrections that need them (see `corrected_interpolation`)."""
     rows = []
     for alpha in alpha_grid(alphas):
-        model = corrected_interpolation(model_a, model_b, float(alpha), correction, batches)
+        model = corrected_interpolation(model_a, model_b, float(alpha), correction, calibration)
         for split, ds in splits.items():
             rows.append({"alpha": float(alpha), "split": split, **evaluate(model, ds, batch_size),
                          "correction": correction})

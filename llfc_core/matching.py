@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .permutation import (PermutationSpec, SpecError, apply_permutation, identity_perms, permute_param, permute_state,
                           random_perms)
-from .settings import progress
+from .runtime import progress
 
 
 @dataclass
@@ -124,6 +124,8 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
                 for r in range(restarts)]
         return max(runs, key=lambda run: run.objective[-1])
     check_same_architecture(state_a, state_b)
+    if max_sweeps < 0:
+        raise ValueError(f"max_sweeps must be >= 0, got {max_sweeps}")
     device = torch.device(device) if device else next(iter(state_a.values())).device
     a = {k: v.to(device, torch.float32) for k, v in _float_entries(spec, state_a).items()}
     b = {k: v.to(device, torch.float32) for k, v in _float_entries(spec, state_b).items()}
@@ -139,6 +141,7 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     objective = weight_matching_objective(spec, perms, a, b)
     history = [objective]
     bar = progress(total=max_sweeps, desc="weight matching", leave=False)
+    sweep = 0  # max_sweeps=0 returns the starting permutations and their objective
     for sweep in range(1, max_sweeps + 1):
         improved = False
         for p in rng.permutation(names):

@@ -22,6 +22,8 @@ with dist(x, y) = ||x - y||^2 / (||x|| ||y||), given over the whole data set (Fr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -112,31 +114,30 @@ def dist(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- taps
+def _record_call(order: list, name: str, module, inputs, output) -> None:
+    order.append(name)
+
+
 def find_taps(model: nn.Module, example: torch.Tensor) -> dict:
     """Run one forward pass and list the tapped modules in execution order, with each layer's depth.
 
     Returns {"relus": [...], "linears": [...], "depth": {name: l}} where depth counts feature layers
     (ReLUs, then the logits at depth L) and a linear op gets the depth of the feature layer it feeds.
     """
-    order: list[str] = []
-    calls: dict[str, int] = {}
+    order: list[str] = []  # module names in the order they ran (a name twice: the module is reused)
     handles = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.ReLU):
-            if m.inplace:
-                raise TapError(f"ReLU {name!r} is in-place, which destroys its pre-activation; use nn.ReLU()")
+        if isinstance(m, nn.ReLU) and m.inplace:
+            raise TapError(f"ReLU {name!r} is in-place, which destroys its pre-activation; use nn.ReLU()")
         if isinstance(m, (nn.ReLU, *LINEAR_OPS)):
-            def hook(module, inputs, output, name=name):
-                calls[name] = calls.get(name, 0) + 1
-                order.append(name)
-            handles.append(m.register_forward_hook(hook))
+            handles.append(m.register_forward_hook(partial(_record_call, order, name)))
     try:
         with torch.no_grad():
             model.eval()(example[:2])
     finally:
         for h in handles:
             h.remove()
-    reused = [n for n, c in calls.items() if c > 1]
+    reused = sorted({n for n in order if order.count(n) > 1})
     if reused:
         raise TapError(f"modules {reused[:3]} run more than once per forward pass; give each use its own module")
     modules = dict(model.named_modules())
@@ -190,52 +191,99 @@ def _apply_linear(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> t
 
 
 # ------------------------------------------------------------------------------------------ the pass
+@dataclass
+class _LayerSums:
+    """The accumulators of one `layer_metrics` pass, keyed by layer (and alpha)."""
+    relus: list
+    linears: list
+    depth: dict
+    alphas: list
+    llfc: dict = field(default_factory=dict)      # (feature layer, alpha): theta_alpha vs interpolated features
+    base: dict = field(default_factory=dict)      # feature layer: A vs B
+    sigma: dict = field(default_factory=dict)     # (relu, alpha): Condition I
+    com: dict = field(default_factory=dict)       # linear op: Condition II
+    hdist: dict = field(default_factory=dict)     # linear op: layer inputs of A vs B
+
+    def __post_init__(self):
+        self.feats = self.relus + [LOGITS]
+        self.llfc = {(l, a): PairAccumulator() for l in self.feats for a in self.alphas}
+        self.base = {l: PairAccumulator() for l in self.feats}
+        self.sigma = {(l, a): PairAccumulator() for l in self.relus for a in self.alphas}
+        self.com = {l: PairAccumulator() for l in self.linears}
+        self.hdist = {l: PairAccumulator() for l in self.linears}
+
+    def llfc_frame(self) -> pd.DataFrame:
+        rows = []
+        for l in self.feats:
+            b = self.base[l].summary()
+            for a in self.alphas:
+                s = self.llfc[(l, a)].summary()
+                rows.append({"layer": l, "depth": self.depth[l], "alpha": a, "cos_dist": s["cos_dist"],
+                             "cos_dist_std": s["cos_dist_std"], "cos_dist_p50": s["cos_dist_p50"],
+                             "cos_dist_p90": s["cos_dist_p90"], "frob_cos_dist": s["frob_cos_dist"],
+                             "cos_dist_baseline": b["cos_dist"], "frob_cos_dist_baseline": b["frob_cos_dist"],
+                             "scale_c": s["scale"], "thm1_dist": s["dist"]})
+        return pd.DataFrame(rows)
+
+    def conditions_frame(self, mods_a: dict, mods_b: dict) -> pd.DataFrame:
+        rows = []
+        for a in self.alphas:
+            for l in self.relus:
+                s = self.sigma[(l, a)].summary()
+                rows.append({"layer": l, "kind": "relu", "depth": self.depth[l], "alpha": a,
+                             "dist_sigma": s["dist"], "dist_sigma_sample": s["dist_sample"]})
+            for l in self.linears:
+                c, h = self.com[l].summary(), self.hdist[l].summary()
+                rows.append({"layer": l, "kind": "linear", "depth": self.depth[l], "alpha": a,
+                             "dist_com": c["dist"], "dist_com_sample": c["dist_sample"],
+                             "dist_w": dist(mods_a[l].weight, mods_b[l].weight),
+                             "dist_h": h["dist"], "dist_h_sample": h["dist_sample"]})
+        return pd.DataFrame(rows)
+
+
 @torch.no_grad()
 def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.25, 0.5, 0.75),
-                  correction: str = "none", calibration=None, interpolated: dict | None = None) -> dict[str, pd.DataFrame]:
+                  correction: str = "none", calibration: list | None = None,
+                  interpolated: dict | None = None) -> dict[str, pd.DataFrame]:
     """LLFC, Condition I, Condition II and the Theorem 1 residual for every layer, in one streaming pass.
 
     `batches`: an iterable of (x, y) on the models' device (the evaluation data; y is unused).
-    `correction` / `calibration`: how theta_alpha is built (see `llfc_core.interpolate`); or pass the
-    models directly as `interpolated={alpha: model}`.
+    `correction` / `calibration` (training batches): how theta_alpha is built (see
+    `llfc_core.interpolate.corrected_interpolation`); or pass the models directly as
+    `interpolated={alpha: model}`.
     Returns {"llfc": frame per (layer, alpha), "conditions": frame per (layer, alpha)}.
     """
     batches = iter(batches)
     first = next(batches)
     taps = find_taps(model_a, first[0])
-    relus, linears, depth = taps["relus"], taps["linears"], taps["depth"]
+    relus, linears = taps["relus"], taps["linears"]
     _check_same_taps(model_b, first[0], taps)
     if interpolated is None:
-        interpolated = {a: corrected_interpolation(model_a, model_b, a, correction, calibration or []) for a in alphas}
-    alphas = sorted(interpolated)
-    feats = relus + [LOGITS]
-    llfc = {(l, a): PairAccumulator() for l in feats for a in alphas}
-    base = {l: PairAccumulator() for l in feats}
-    sigma = {(l, a): PairAccumulator() for l in relus for a in alphas}
-    com, hdist = {l: PairAccumulator() for l in linears}, {l: PairAccumulator() for l in linears}
+        interpolated = {a: corrected_interpolation(model_a, model_b, a, correction, calibration) for a in alphas}
+    sums = _LayerSums(relus, linears, taps["depth"], sorted(interpolated))
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     rec_a, rec_b = _Recorder(model_a.eval(), relus, linears), _Recorder(model_b.eval(), relus, linears)
     try:
         for x, _ in _chain(first, batches):
             logits_a, logits_b = model_a(x), model_b(x)
             fa, fb = {**rec_a.post, LOGITS: logits_a}, {**rec_b.post, LOGITS: logits_b}
-            for l in feats:
-                base[l].add(fa[l], fb[l])
+            for l in sums.feats:
+                sums.base[l].add(fa[l], fb[l])
             for l in linears:
                 m, wa, wb = mods_a[l], mods_a[l].weight, mods_b[l].weight
                 ha, hb = rec_a.inputs[l], rec_b.inputs[l]
                 lhs = _apply_linear(m, wa, ha) + _apply_linear(m, wb, hb)
                 rhs = _apply_linear(m, wa, hb) + _apply_linear(m, wb, ha)
-                com[l].add(lhs, rhs, diff=_apply_linear(m, wa - wb, ha - hb))  # bilinearity, exact
-                hdist[l].add(ha, hb)
-            for a in alphas:
+                sums.com[l].add(lhs, rhs, diff=_apply_linear(m, wa - wb, ha - hb))  # bilinearity, exact
+                sums.hdist[l].add(ha, hb)
+            for a in sums.alphas:
                 for l in relus:
                     pa, pb = rec_a.pre[l], rec_b.pre[l]
-                    sigma[(l, a)].add(F.relu(a * pa + (1 - a) * pb), a * F.relu(pa) + (1 - a) * F.relu(pb))
-                _interpolated_features(interpolated[a], x, relus, fa, fb, a, llfc)
+                    sums.sigma[(l, a)].add(F.relu(a * pa + (1 - a) * pb), a * F.relu(pa) + (1 - a) * F.relu(pb))
+                _interpolated_features(interpolated[a], x, relus, fa, fb, a, sums.llfc)
     finally:
         rec_a.remove(), rec_b.remove()
-    return _frames(relus, linears, feats, depth, alphas, llfc, base, sigma, com, hdist, mods_a, mods_b)
+    return {"llfc": sums.llfc_frame(), "conditions": sums.conditions_frame(mods_a, mods_b)}
 
 
 def _chain(first, rest):
@@ -250,48 +298,27 @@ def _check_same_taps(model_b, example, taps_a) -> None:
                        f"{sorted(set(taps_a['relus'] + taps_a['linears']) ^ set(taps_b['relus'] + taps_b['linears']))[:5]}")
 
 
+class _CompareHook:
+    """Forward hook on a ReLU of theta_alpha: compares its output with alpha f_A + (1 - alpha) f_B, formed
+    only when the hook runs (so one layer's target is in memory at a time)."""
+
+    def __init__(self, accumulator: PairAccumulator, fa: torch.Tensor, fb: torch.Tensor, alpha: float):
+        self.accumulator, self.fa, self.fb, self.alpha = accumulator, fa, fb, alpha
+
+    def __call__(self, module, inputs, output):
+        self.accumulator.add(output, self.alpha * self.fa + (1 - self.alpha) * self.fb)
+
+
 def _interpolated_features(model, x, relus, fa, fb, alpha, llfc) -> None:
     """Run theta_alpha; each ReLU hook compares its output with the interpolated endpoint features."""
     modules = dict(model.named_modules())
-
-    def hook(name):
-        def fn(module, inputs, output):
-            llfc[(name, alpha)].add(output, alpha * fa[name] + (1 - alpha) * fb[name])
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in relus]
+    handles = [modules[n].register_forward_hook(_CompareHook(llfc[(n, alpha)], fa[n], fb[n], alpha)) for n in relus]
     try:
         logits = model.eval()(x)
     finally:
         for h in handles:
             h.remove()
     llfc[(LOGITS, alpha)].add(logits, alpha * fa[LOGITS] + (1 - alpha) * fb[LOGITS])
-
-
-def _frames(relus, linears, feats, depth, alphas, llfc, base, sigma, com, hdist, mods_a, mods_b):
-    rows = []
-    for l in feats:
-        b = base[l].summary()
-        for a in alphas:
-            s = llfc[(l, a)].summary()
-            rows.append({"layer": l, "depth": depth[l], "alpha": a, "cos_dist": s["cos_dist"],
-                         "cos_dist_std": s["cos_dist_std"], "cos_dist_p50": s["cos_dist_p50"],
-                         "cos_dist_p90": s["cos_dist_p90"], "frob_cos_dist": s["frob_cos_dist"],
-                         "cos_dist_baseline": b["cos_dist"], "frob_cos_dist_baseline": b["frob_cos_dist"],
-                         "scale_c": s["scale"], "thm1_dist": s["dist"]})
-    cond = []
-    for a in alphas:
-        for l in relus:
-            s = sigma[(l, a)].summary()
-            cond.append({"layer": l, "kind": "relu", "depth": depth[l], "alpha": a,
-                         "dist_sigma": s["dist"], "dist_sigma_sample": s["dist_sample"]})
-        for l in linears:
-            c, h = com[l].summary(), hdist[l].summary()
-            cond.append({"layer": l, "kind": "linear", "depth": depth[l], "alpha": a,
-                         "dist_com": c["dist"], "dist_com_sample": c["dist_sample"],
-                         "dist_w": dist(mods_a[l].weight, mods_b[l].weight),
-                         "dist_h": h["dist"], "dist_h_sample": h["dist_sample"]})
-    return {"llfc": pd.DataFrame(rows), "conditions": pd.DataFrame(cond)}
 
 
 # ----------------------------------------------------------------------------------------- appendix
@@ -308,6 +335,16 @@ def lemma1_check(curve: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+class _Replace:
+    """Forward hook that replaces a module's output with a given tensor."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def __call__(self, module, inputs, output):
+        return self.value
+
+
 @torch.no_grad()
 def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.DataFrame:
     """Feed A's layer-l feature into B's remaining layers (B's own output at l is replaced), per ReLU l."""
@@ -322,7 +359,7 @@ def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.Data
             model_a(x)
             total += len(y)
             for l in taps["relus"]:
-                h = modules_b[l].register_forward_hook(lambda m, i, o, f=rec_a.post[l]: f)
+                h = modules_b[l].register_forward_hook(_Replace(rec_a.post[l]))
                 try:
                     wrong[l] += int((model_b.eval()(x).argmax(1) != y).sum())
                 finally:
@@ -334,8 +371,9 @@ def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.Data
 
 @torch.no_grad()
 def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 10) -> pd.DataFrame:
-    """Per ReLU layer: angles (degrees) between the top-k left singular subspaces of A's and B's features
-    (channels x (samples * positions)), from streamed Gram matrices; also each side's top singular values."""
+    """Per ReLU layer: principal angles (degrees) between the top-k left singular subspaces of A's and B's
+    features (channels x (samples * positions)), from streamed Gram matrices. Columns: layer, depth, k,
+    mean_angle, max_angle, and energy_top_k_a, the share of A's feature energy in its top k directions."""
     batches = iter(batches)
     first = next(batches)
     taps = find_taps(model_a, first[0])

@@ -46,3 +46,20 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
     g.set_titles("{col_name}")
     g.set_axis_labels("layer depth ℓ", ylabel or y)
     return g
+
+
+def separation(frame: pd.DataFrame, x: str, y: str, level: float, ratio: float, col: str = "setting"):
+    """One point per layer and pair: a metric against the naive pair's at the same layer (log-log), with
+    a claim's absolute level (horizontal) and ratio (the line y = ratio * x) drawn in."""
+    order = _order(frame.pair)
+    g = sns.relplot(data=frame, x=x, y=y, hue="pair", hue_order=order, palette=PALETTE, col=col,
+                    col_wrap=min(3, frame[col].nunique()), kind="scatter", s=30, height=3.2, aspect=1.1,
+                    facet_kws={"sharex": False, "sharey": False})
+    g.set(xscale="log", yscale="log")
+    for ax in g.axes.flat:
+        lo = max(min(ax.get_xlim()[0], ax.get_ylim()[0]), 1e-6)
+        hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.axhline(level, color="grey", lw=1, ls="--")
+        ax.plot([lo, hi], [ratio * lo, ratio * hi], color="grey", lw=1, ls=":")
+    g.set_titles("{col_name}")
+    return g

@@ -1,9 +1,10 @@
 """Result tables under results/<profile>/ and the manifest that says what produced them.
 
-A chapter asks `load_or_compute(profile, table, settings, compute)`: a setting whose recorded hash
-matches is read from the committed CSV, any other (or all, with recompute=True) is computed and
-written back, and the manifest records profile, commit, device, torch, data copies, seeds, config
-hashes and minutes per chapter.
+A chapter asks `load_or_compute(profile, table, hashes, compute, describe)`: a setting whose recorded
+hash matches is read from the committed CSV, any other (or all, with recompute=True) is computed and
+written back, and the manifest records what `describe` says of it (recipe, model keys, data copies,
+seeds) beside the run's own commit, device and torch, and the minutes per chapter. This module knows
+nothing of settings: the caller passes what is to be recorded.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .experiments import SEEDS, Setting, model_hashes, setting_hash
-from .settings import default_device, repo_root
+from .runtime import default_device, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
     "lmc": ["setting", "pair", "split", "alpha", "loss", "error", "correction"],
@@ -73,20 +73,21 @@ def order_columns(table: str, frame: pd.DataFrame) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
-def load_or_compute(profile: str, table: str, settings: dict[str, Setting], compute, *, recompute: bool = False,
-                    chapter: str | None = None) -> pd.DataFrame:
-    """Rows of `table` for `settings`, reusing committed rows whose setting hash is unchanged."""
+def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, describe, *,
+                    recompute: bool = False) -> pd.DataFrame:
+    """Rows of `table` for the settings named in `hashes` ({name: configuration hash}), reusing committed
+    rows whose hash is unchanged. `compute(name)` returns a missing setting's rows; `describe(name)`
+    returns {"setting": {...}, "data": {data set: source}, "seeds": {...}} for the manifest."""
     path = results_dir(profile) / f"{table}.csv"
     manifest = read_manifest(profile)
     recorded = manifest.setdefault("tables", {}).setdefault(table, {})
     old = pd.read_csv(path) if path.exists() else None
     frames, computed = [], []
-    for name, setting in settings.items():
-        h = setting_hash(setting)
+    for name, h in hashes.items():
         if not recompute and old is not None and recorded.get(name) == h and (old.setting == name).any():
             frames.append(old[old.setting == name])
             continue
-        frames.append(compute(setting))
+        frames.append(compute(name))
         recorded[name] = h
         computed.append(name)
     frame = order_columns(table, pd.concat(frames, ignore_index=True))
@@ -96,25 +97,15 @@ def load_or_compute(profile: str, table: str, settings: dict[str, Setting], comp
         merged = pd.concat([keep, frame], ignore_index=True) if keep is not None else frame
         path.parent.mkdir(parents=True, exist_ok=True)
         merged.to_csv(path, index=False, float_format="%.6g")
-        _describe(manifest, profile, settings, computed, chapter)
+        manifest.update({"profile": profile, "commit": git_commit(), "device": device_name(),
+                         "torch": torch.__version__, "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        for name in computed:
+            record = describe(name)
+            manifest.setdefault("settings", {})[name] = record["setting"]
+            manifest.setdefault("data", {}).update(record["data"])
+            manifest["seeds"] = record["seeds"]
         write_manifest(profile, manifest)
     return frame
-
-
-def _describe(manifest: dict, profile: str, settings: dict[str, Setting], computed: list, chapter: str | None) -> None:
-    from .train import dataset_on
-
-    manifest.update({"profile": profile, "commit": git_commit(), "device": device_name(),
-                     "torch": torch.__version__, "seeds": SEEDS,
-                     "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-    manifest.setdefault("settings", {})
-    manifest.setdefault("data", {})
-    for name in computed:
-        s = settings[name]
-        manifest["settings"][name] = {"hash": setting_hash(s), "recipe": s.recipe.name, "model": s.recipe.model,
-                                      "model_keys": model_hashes(s), "pairs": list(s.pairs),
-                                      "correction": s.correction, "notes": s.notes}
-        manifest["data"][s.recipe.dataset] = dataset_on(s.recipe.dataset, "test", "cpu").source
 
 
 def record_chapter_time(profile: str, chapter: str, minutes: float) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import cache, data
 from .models import build_model
 from .recipes import Recipe
-from .settings import default_device, progress
+from .runtime import default_device, progress
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +64,8 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def epoch_seed(data_seed: int, epoch: int) -> int:
+    """The seed of one epoch's order and augmentation. 1_000_003 is a prime above any epoch count, so
+    distinct (data_seed, epoch) pairs never share a seed."""
     return 1_000_003 * data_seed + epoch
 
 
@@ -161,22 +163,19 @@ def _resume(state: TrainState, folder, device) -> TrainState:
 
 
 # ------------------------------------------------------------------------------------- cached models
-def model_key(recipe: Recipe, init_seed: int, data_seed: int, spawn: dict | None = None,
-              stop_epoch: int | None = None) -> dict:
-    """The full configuration that determines a trained model's weights."""
+def spawn_point(recipe: Recipe, epoch: int, parent_data_seed: int | None = None) -> dict:
+    """Where a child branches off: after `epoch` epochs of the parent trained with `parent_data_seed`."""
+    if not 0 < epoch < recipe.epochs:
+        raise ValueError(f"spawn epoch must lie in 1..{recipe.epochs - 1}, got {epoch}")
+    return {"epoch": epoch, "parent_data_seed": parent_data_seed if parent_data_seed is not None else 0}
+
+
+def model_config(recipe: Recipe, init_seed: int, data_seed: int, spawn: dict | None = None,
+                 stop_epoch: int | None = None) -> dict:
+    """Everything that determines a trained model's weights; its hash is the model's cache key.
+    `spawn` (from `spawn_point`) makes it a child; `stop_epoch` a parent stopped early."""
     return {"recipe": recipe.to_dict(), "init_seed": init_seed, "data_seed": data_seed, "spawn": spawn,
             "stop_epoch": stop_epoch}
-
-
-def model_config(recipe: Recipe, init_seed: int, data_seed: int, spawn_epoch: int | None = None,
-                 parent_data_seed: int | None = None) -> dict:
-    """The cache configuration of a (possibly spawned) model; its hash is the model's cache key."""
-    spawn = None
-    if spawn_epoch is not None:
-        if not 0 < spawn_epoch < recipe.epochs:
-            raise ValueError(f"spawn epoch must lie in 1..{recipe.epochs - 1}, got {spawn_epoch}")
-        spawn = {"epoch": spawn_epoch, "parent_data_seed": parent_data_seed if parent_data_seed is not None else 0}
-    return model_key(recipe, init_seed, data_seed, spawn)
 
 
 def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spawn_epoch: int | None = None,
@@ -184,8 +183,9 @@ def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spaw
     """Load the model from the cache or train it. With `spawn_epoch=k`, the model is a child branched at
     epoch k from the parent (init_seed, parent_data_seed), continuing with its own `data_seed`."""
     device = torch.device(device or default_device())
-    config = model_config(recipe, init_seed, data_seed, spawn_epoch, parent_data_seed)
-    spawn, key = config["spawn"], cache.config_hash(config)
+    spawn = spawn_point(recipe, spawn_epoch, parent_data_seed) if spawn_epoch is not None else None
+    config = model_config(recipe, init_seed, data_seed, spawn)
+    key = cache.config_hash(config)
     folder = cache.entry_dir("models", key, root)
     if cache.has_entry(folder):
         return cache.load_model(folder, device)
@@ -203,7 +203,7 @@ def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spaw
 
 def _parent_state(recipe: Recipe, init_seed: int, spawn: dict, device, root) -> TrainState:
     """The spawn parent at epoch k (weights + optimizer), from the cache or trained once and stored."""
-    config = model_key(recipe, init_seed, spawn["parent_data_seed"], None, stop_epoch=spawn["epoch"])
+    config = model_config(recipe, init_seed, spawn["parent_data_seed"], stop_epoch=spawn["epoch"])
     folder = cache.entry_dir("parents", cache.config_hash(config), root)
     # The parent's epoch checkpoint *is* its cache entry: a finished parent is just resumed (no step
     # runs), an interrupted one continues to epoch k.

@@ -135,3 +135,29 @@ def test_bad_model_configs(config, match):
 def test_mlp_rejects_wrong_input_size():
     with pytest.raises(ValueError, match="expects 784 input features, got 3072"):
         build_model({"arch": "mlp"})(torch.randn(2, 3, 32, 32))
+
+
+def test_invariance_check_is_strict_for_large_outputs(monkeypatch):
+    """Outputs of size ~100: a correct spec passes (rounding only), while a permuted model that differs by
+    5e-4 fails at atol 1e-5. Before, the absolute tolerance was scaled by the outputs and let it through."""
+    from llfc_core import permutation
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "mlp", "in_features": 784, "widths": [64, 64], "num_classes": 10})
+    with torch.no_grad():
+        model.head.weight.mul_(300.0)
+    x = torch.randn(8, 784)
+    spec = model.permutation_spec()
+    assert model(x).abs().max() > 50
+    check_invariance(model, spec, x)
+    honest = permutation.apply_permutation
+
+    def off_by_a_little(model, spec, perms):
+        out = honest(model, spec, perms)
+        with torch.no_grad():
+            out.head.bias.add_(5e-4)
+        return out
+
+    monkeypatch.setattr(permutation, "apply_permutation", off_by_a_little)
+    with pytest.raises(SpecError, match="different function"):
+        check_invariance(model, spec, x)

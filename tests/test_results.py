@@ -5,27 +5,35 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llfc_core import chapter, experiments, results
+from llfc_core import chapter, pairs, profiles, results
+
+
+def _rows(spawn_barrier):
+    from llfc_core import claims
+
+    table = pd.DataFrame([{"setting": "cifar10-vgg16", "pair": p, "split": "test", "error_barrier": b}
+                          for p, b in (("spawn", spawn_barrier), ("naive", 0.5))])
+    return claims.chapter1(table, "cpu")
 
 
 def test_failed_claim_fails_unless_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
-    ch = chapter.Chapter("99_test", "cpu", {})
-    ch.check("a holds", True, "1 <= 2")
-    ch.check("b holds", False, "3 > 2")
-    with pytest.raises(chapter.ClaimFailed, match="b holds"):
+    ch = chapter.Chapter("99_test", "cpu", {}, deviations={})
+    ch.check(_rows(0.01) + _rows(0.2))
+    with pytest.raises(chapter.ClaimFailed, match="lmc.barrier"):
         ch.report()
-    ch = chapter.Chapter("99_test", "cpu", {}, deviations={"b holds": "because of X"}, computed=True)
-    ch.check("b holds", False, "3 > 2")
-    ch.check("c holds", True, "", deviation="unused when the claim passes")
+    key = ("lmc.barrier", "cifar10-vgg16", "spawn")
+    ch = chapter.Chapter("99_test", "cpu", {}, deviations={key: "because of X"}, computed=True)
+    shown = ch.check(_rows(0.2))
+    assert "deviates (explained)" in set(shown.status)
     frame = ch.report()
-    assert list(frame.status) == ["deviates (explained)", "pass"] and frame.explanation[1] == ""
+    assert frame[frame.claim == "lmc.barrier"].explanation.iloc[0] == "because of X"
     assert json.loads((tmp_path / "cpu" / "manifest.json").read_text())["chapters"]["99_test"]["minutes"] >= 0
 
 
 def test_reading_committed_results_leaves_the_manifest_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
-    settings = experiments.get_settings("smoke", ["mnist-mlp"])
+    settings = profiles.get_settings("smoke", ["mnist-mlp"])
     compute = lambda s: pd.DataFrame({"setting": [s.name], "pair": ["naive"], "value": [1.0]})
     first = chapter.Chapter("99_test", "smoke", settings)
     first.table("demo", compute)
@@ -39,31 +47,36 @@ def test_reading_committed_results_leaves_the_manifest_alone(tmp_path, monkeypat
 
 def test_smoke_profile_shows_but_does_not_enforce(tmp_path, monkeypatch):
     monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
-    ch = chapter.Chapter("99_test", "smoke", {})
-    ch.check("fails", False)
-    assert ch.report().status.tolist() == ["FAIL"]
+    ch = chapter.Chapter("99_test", "smoke", {}, deviations={})
+    ch.check(_rows(0.2))
+    assert "FAIL" in set(ch.report().status)
 
 
 def test_results_are_reused_when_fresh_and_recomputed_when_stale(tmp_path, monkeypatch):
     monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
-    settings = experiments.get_settings("smoke", ["mnist-mlp", "cifar10-mlp"])
+    settings = profiles.get_settings("smoke", ["mnist-mlp", "cifar10-mlp"])
     calls = []
 
     def compute(setting):
         calls.append(setting.name)
         return pd.DataFrame({"setting": [setting.name], "pair": ["naive"], "value": [len(calls)]})
 
-    first = results.load_or_compute("smoke", "demo", settings, compute)
+    def load(chosen, **kw):
+        hashes = {name: profiles.setting_hash(s) for name, s in chosen.items()}
+        return results.load_or_compute("smoke", "demo", hashes, lambda name: compute(chosen[name]),
+                                       lambda name: pairs.provenance(chosen[name]), **kw)
+
+    first = load(settings)
     assert calls == ["mnist-mlp", "cifar10-mlp"] and len(first) == 2
-    again = results.load_or_compute("smoke", "demo", settings, compute)
+    again = load(settings)
     assert calls == ["mnist-mlp", "cifar10-mlp"] and again.value.tolist() == [1, 2]  # read, not recomputed
-    changed = experiments.get_settings("smoke", ["mnist-mlp", "cifar10-mlp"], alphas=3)  # new hash
-    results.load_or_compute("smoke", "demo", {"mnist-mlp": changed["mnist-mlp"], "cifar10-mlp": settings["cifar10-mlp"]}, compute)
+    changed = profiles.get_settings("smoke", ["mnist-mlp", "cifar10-mlp"], alphas=3)  # new hash
+    load({"mnist-mlp": changed["mnist-mlp"], "cifar10-mlp": settings["cifar10-mlp"]})
     assert calls == ["mnist-mlp", "cifar10-mlp", "mnist-mlp"]
-    results.load_or_compute("smoke", "demo", settings, compute, recompute=True)
+    load(settings, recompute=True)
     assert calls[-2:] == ["mnist-mlp", "cifar10-mlp"]
     manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
-    assert manifest["tables"]["demo"]["mnist-mlp"] == experiments.setting_hash(settings["mnist-mlp"])
+    assert manifest["tables"]["demo"]["mnist-mlp"] == profiles.setting_hash(settings["mnist-mlp"])
     assert set(manifest["settings"]["mnist-mlp"]["model_keys"]) == {"a", "spawn", "independent"}
     for key in ("profile", "commit", "device", "torch", "seeds", "data"):
         assert key in manifest
@@ -72,11 +85,11 @@ def test_results_are_reused_when_fresh_and_recomputed_when_stale(tmp_path, monke
 
 def test_unknown_profile_and_setting():
     with pytest.raises(KeyError, match="unknown profile"):
-        experiments.get_settings("gpu")
+        profiles.get_settings("gpu")
     with pytest.raises(KeyError, match="has no settings"):
-        experiments.get_settings("cpu", ["cifar10-resnet20x32-ln"])
-    assert list(experiments.get_settings("cpu", "mnist-mlp,cifar10-mlp")) == ["mnist-mlp", "cifar10-mlp"]
-    assert list(experiments.get_settings("cpu", '["mnist-mlp"]')) == ["mnist-mlp"]
+        profiles.get_settings("cpu", ["cifar10-resnet20x32-ln"])
+    assert list(profiles.get_settings("cpu", "mnist-mlp,cifar10-mlp")) == ["mnist-mlp", "cifar10-mlp"]
+    assert list(profiles.get_settings("cpu", '["mnist-mlp"]')) == ["mnist-mlp"]
 
 
 def test_cache_writes_are_atomic_and_safe(tmp_path):
@@ -92,3 +105,26 @@ def test_cache_writes_are_atomic_and_safe(tmp_path):
     (folder / "meta.json").write_text("{not json")
     with pytest.raises(cache.CacheError, match="delete that folder"):
         cache.read_entry(folder, ("t",))
+
+
+@pytest.mark.parametrize("profile", ["cpu"])
+def test_committed_results_match_the_code(profile):
+    """Every committed table was computed with the settings the code defines now, so `make book` reads
+    them instead of recomputing (a change to a setting must come with regenerated results)."""
+    root = Path(__file__).resolve().parent.parent / "results" / profile
+    manifest = json.loads((root / "manifest.json").read_text())
+    current = {name: profiles.setting_hash(s) for name, s in profiles.get_settings(profile).items()}
+    for table, recorded in manifest["tables"].items():
+        assert (root / f"{table}.csv").exists(), table
+        stale = {name for name, h in recorded.items() if current.get(name) != h}
+        assert not stale, f"results/{profile}/{table}.csv is stale for {sorted(stale)}"
+
+
+def test_profiles_are_overrides_of_one_base():
+    """Each profile changes only what it lists: a field no profile overrides is the base's everywhere."""
+    for profile, chosen in profiles.PROFILES.items():
+        for name, setting in chosen.items():
+            base = profiles.BASE[name]
+            for key, value in vars(setting).items():
+                if key not in profiles.OVERRIDES[profile][name]:
+                    assert value == getattr(base, key), (profile, name, key)

@@ -1,0 +1,146 @@
+"""A setting's models and the pairs built from them (see `llfc_core.profiles` for what each pair is),
+plus the fixed data subsets every table of that setting is evaluated on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cache, data
+from .matching import activation_matching, ste_matching, weight_matching
+from .permutation import apply_permutation
+from .profiles import SEEDS, Setting
+from .runtime import default_device
+from .train import dataset_on, get_or_train, model_config, spawn_point
+
+# Each fixed random subset has its own seed, so changing the size of one leaves the others as they were.
+SUBSET_SEEDS = {"activation_matching": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
+# Batch size for passes that only collect statistics (no gradients): large enough to be fast, small
+# enough for the float64 sums of a conv net to stay within a CPU's memory.
+STATS_BATCH = 500
+
+
+@dataclass
+class SettingModels:
+    setting: Setting
+    a: torch.nn.Module
+    others: dict = field(default_factory=dict)   # 'spawn' / 'independent' -> model
+    keys: dict = field(default_factory=dict)     # model name -> cache key
+    meta: dict = field(default_factory=dict)     # model name -> training metadata
+
+
+def model_plan(setting: Setting) -> dict[str, tuple]:
+    """name -> (init seed, data seed, spawn point or None) of the models a setting needs."""
+    s = SEEDS
+    spawn = {"spawn_epoch": setting.spawn_epoch, "parent_data_seed": s["parent_data"]}
+    plan = {"a": (s["init_a"], s["data_a"], spawn)}
+    if "spawn" in setting.pairs:
+        plan["spawn"] = (s["init_a"], s["data_spawn"], spawn)
+    if set(setting.pairs) - {"spawn"}:
+        plan["independent"] = (s["init_b"], s["data_b"], None)
+    return plan
+
+
+def model_hashes(setting: Setting) -> dict[str, str]:
+    """The cache keys of a setting's models, without training anything."""
+    out = {}
+    for name, (init, data_seed, spawn) in model_plan(setting).items():
+        point = spawn_point(setting.recipe, spawn["spawn_epoch"], spawn["parent_data_seed"]) if spawn else None
+        out[name] = cache.config_hash(model_config(setting.recipe, init, data_seed, point))
+    return out
+
+
+def train_models(setting: Setting, device=None) -> SettingModels:
+    """A, the spawn partner and the independent B of a setting, from the cache or trained."""
+    device = device or default_device()
+    out = SettingModels(setting, None)
+    for name, (init, data_seed, spawn) in model_plan(setting).items():
+        model, meta = get_or_train(setting.recipe, init, data_seed, device=device, **(spawn or {}))
+        out.keys[name], out.meta[name] = meta["key"], {"test": meta["test"], "data": meta.get("data")}
+        if name == "a":
+            out.a = model
+        else:
+            out.others[name] = model
+    return out
+
+
+def build_pairs(models: SettingModels, device=None) -> dict[str, tuple]:
+    """pair name -> (A, B') for the setting's pairs; permutations are cached by the models' keys."""
+    setting, device = models.setting, device or default_device()
+    a, b = models.a, models.others.get("independent")
+    spec = a.permutation_spec()
+    pairs = {}
+    for pair in setting.pairs:
+        if pair == "spawn":
+            pairs[pair] = (a, models.others["spawn"])
+        elif pair == "naive":
+            pairs[pair] = (a, b)
+        else:
+            config = {"a": models.keys["a"], "b": models.keys["independent"], "method": pair,
+                      "calibration": setting.calibration_samples, "ste": [setting.ste_epochs, setting.ste_subset]}
+            perms = cache.get_or_compute_tensors("perms", config, _Matcher(pair, a, b, spec, setting, device))
+            pairs[pair] = (a, apply_permutation(b, spec, perms))
+    return pairs
+
+
+@dataclass
+class _Matcher:
+    """Computes one matching's permutations when the cache has none (a callable with its inputs bound)."""
+    method: str
+    a: torch.nn.Module
+    b: torch.nn.Module
+    spec: object
+    setting: Setting
+    device: object
+
+    def __call__(self) -> dict:
+        a, b, spec, setting = self.a, self.b, self.spec, self.setting
+        train = dataset_on(setting.recipe.dataset, "train", str(self.device))
+        if self.method == "wm":
+            return weight_matching(spec, a.state_dict(), b.state_dict()).perms
+        if self.method == "am":
+            subset = train.subset(setting.calibration_samples, SUBSET_SEEDS["activation_matching"])
+            return activation_matching(a, b, spec, data.batches(subset, STATS_BATCH)).perms
+        if self.method == "ste":
+            subset = train.subset(setting.ste_subset, SUBSET_SEEDS["ste"])
+            return ste_matching(a, b, spec, _EpochBatches(subset, STATS_BATCH), epochs=setting.ste_epochs).perms
+        raise ValueError(f"unknown matching method {self.method!r}")
+
+
+@dataclass
+class _EpochBatches:
+    """epoch -> shuffled training batches of one epoch (what STE iterates over)."""
+    ds: data.Dataset
+    batch_size: int
+
+    def __call__(self, epoch: int):
+        return data.batches(self.ds, self.batch_size, shuffle=True, seed=epoch)
+
+
+def eval_splits(setting: Setting, device=None) -> dict[str, data.Dataset]:
+    """The fixed train and test subsets a setting's curves and metrics are computed on."""
+    device = str(device or default_device())
+    name = setting.recipe.dataset
+    return {"train": dataset_on(name, "train", device).subset(setting.eval_train, SUBSET_SEEDS["eval_train"]),
+            "test": dataset_on(name, "test", device).subset(setting.eval_test, SUBSET_SEEDS["eval_test"])}
+
+
+def calibration(setting: Setting, device=None) -> list:
+    """The setting's calibration batches: training data, without augmentation, for BN reset and REPAIR."""
+    from .interpolate import calibration_batches
+
+    device = device or default_device()
+    ds = dataset_on(setting.recipe.dataset, "train", str(device)).subset(setting.calibration_samples,
+                                                                           SUBSET_SEEDS["calibration"])
+    return calibration_batches(ds, device)
+
+
+def provenance(setting: Setting) -> dict:
+    """What the manifest records about a computed setting (the form `results.load_or_compute` takes)."""
+    from .profiles import setting_hash
+
+    return {"setting": {"hash": setting_hash(setting), "recipe": setting.recipe.name, "model": setting.recipe.model,
+                        "model_keys": model_hashes(setting), "pairs": list(setting.pairs),
+                        "correction": setting.correction, "notes": setting.notes},
+            "data": {setting.recipe.dataset: dataset_on(setting.recipe.dataset, "test", "cpu").source},
+            "seeds": SEEDS}

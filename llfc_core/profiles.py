@@ -1,0 +1,147 @@
+"""The book's experiment settings and the smoke / cpu / paper profiles.
+
+A `Setting` is one experiment: a training recipe, the pairs built from it and how they are evaluated.
+Each setting has one base (what the paper measures: its pairs, spawn point, BatchNorm correction);
+a profile is that base with a few fields overridden (`PROFILES` lists only what changes).
+
+Pairs of a setting (all share model A; the seeds are in `SEEDS`):
+  A       spawn child 1: trained to the spawn epoch with data seed `parent_data`, then `data_a`
+  spawn   (A, spawn child 2): same parent state, continued with `data_spawn`
+  naive   (A, B): B is trained independently (`init_b`, `data_b`), not aligned
+  wm/am/ste  (A, pi(B)): B aligned to A by weight matching / activation matching / STE
+A is an ordinary fully trained network (a child costs no more epochs than a straight run), so one
+A serves every pair and the spawned prefix is trained once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import cache
+from .recipes import CIFAR_MLP, MNIST_MLP, Recipe, get_recipe
+from .train import model_config
+
+PAIRS = ("spawn", "naive", "wm", "am", "ste")
+SEEDS = {"init_a": 0, "parent_data": 0, "data_a": 1, "data_spawn": 2, "init_b": 1, "data_b": 3}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    recipe: Recipe
+    pairs: tuple = ("spawn", "naive", "wm", "am")
+    spawn_epoch: int = 1
+    correction: str = "none"            # how theta_alpha is evaluated: 'none' | 'bn_reset' | 'repair'
+    alphas: int = 21                    # points on the interpolation curve
+    eval_train: int | None = 10000      # train samples for the curves (None: all)
+    eval_test: int | None = None        # test samples for curves and layer metrics (None: all)
+    calibration_samples: int = 5000     # train samples for BN reset / REPAIR / activation matching
+    metric_batch: int = 250
+    ste_epochs: int = 1
+    ste_subset: int = 10000
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["recipe"] = self.recipe.to_dict()
+        return d
+
+
+def setting_hash(setting: Setting) -> str:
+    """What a setting's results depend on: the setting itself and the seeds (training keys follow)."""
+    return cache.config_hash({"setting": setting.to_dict(), "seeds": SEEDS,
+                              "a": model_config(setting.recipe, SEEDS["init_a"], SEEDS["data_a"])})
+
+
+def _mlp(name, dataset, widths, **kw) -> Recipe:
+    model = dict(MNIST_MLP if dataset == "mnist" else CIFAR_MLP, widths=list(widths))
+    return Recipe(name, dataset, model, **kw)
+
+
+def _conv(name, model, **kw) -> Recipe:
+    return Recipe(name, "cifar10", model, augment=True, **kw)
+
+
+# ------------------------------------------------------------------------------------ the bases
+# What each setting measures, as in the paper (recipes: `llfc_core.recipes`).
+BASE: dict[str, Setting] = {
+    "mnist-mlp": Setting("mnist-mlp", get_recipe("rebasin-mlp-mnist"), pairs=PAIRS),
+    "cifar10-mlp": Setting("cifar10-mlp", get_recipe("rebasin-mlp-cifar10"), pairs=PAIRS),
+    "cifar10-vgg16": Setting("cifar10-vgg16", get_recipe("paper-vgg16-bn"), pairs=("spawn", "naive", "wm"),
+                             spawn_epoch=5, correction="bn_reset"),
+    "cifar10-resnet20": Setting("cifar10-resnet20", get_recipe("paper-resnet20-bn"), pairs=("spawn", "naive", "wm"),
+                                spawn_epoch=5, correction="bn_reset"),
+    "cifar10-resnet20x32-ln": Setting("cifar10-resnet20x32-ln", get_recipe("rebasin-resnet20x32-ln"),
+                                      pairs=("naive", "wm", "am")),
+}
+
+# ------------------------------------------------------------------------------ the overrides
+TRIANGLE = {"schedule": "triangle", "warmup_epochs": 0.5}  # the CPU recipes' schedule
+# Tiny everything: every code path of every setting in seconds (the tests run the book with it).
+_SMOKE_EVAL = {"alphas": 5, "spawn_epoch": 1}
+_SMOKE_MLP = dict(_SMOKE_EVAL, eval_train=500, eval_test=500, calibration_samples=500)
+_SMOKE_CONV = dict(_SMOKE_EVAL, eval_train=300, eval_test=300, calibration_samples=300)
+_SMOKE_RESNET = {"arch": "resnet20", "width": 1, "blocks_per_stage": 1}
+# The cpu conv nets: a tenth of the paper's evaluation data, and fewer interpolation points.
+_CPU_CONV = {"alphas": 11, "spawn_epoch": 2, "eval_train": 2000, "eval_test": 2000, "calibration_samples": 2000}
+
+OVERRIDES: dict[str, dict[str, dict]] = {
+    "smoke": {
+        "mnist-mlp": dict(_SMOKE_MLP, recipe=_mlp("smoke-mlp-mnist", "mnist", (32, 32, 32), epochs=2, lr=0.05,
+                                                  train_subset=2000, **TRIANGLE), ste_subset=1000),
+        "cifar10-mlp": dict(_SMOKE_MLP, recipe=_mlp("smoke-mlp-cifar10", "cifar10", (32, 32, 32), epochs=2, lr=0.02,
+                                                    train_subset=1000, **TRIANGLE), pairs=("spawn", "naive", "wm", "am")),
+        "cifar10-vgg16": dict(_SMOKE_CONV, recipe=_conv("smoke-vgg16-bn", {"arch": "vgg16", "norm": "bn", "width": 0.0625},
+                                                        epochs=2, lr=0.05, train_subset=500, **TRIANGLE),
+                              pairs=("spawn", "naive", "wm", "am")),
+        "cifar10-resnet20": dict(_SMOKE_CONV, recipe=_conv("smoke-resnet20-bn", dict(_SMOKE_RESNET, norm="bn"), epochs=2,
+                                                           lr=0.05, train_subset=500, **TRIANGLE),
+                                 pairs=("spawn", "naive", "wm", "am")),
+        "cifar10-resnet20x32-ln": dict(_SMOKE_CONV, recipe=_conv("smoke-resnet20-ln", dict(_SMOKE_RESNET, norm="ln"),
+                                                                 epochs=2, lr=0.05, train_subset=500, **TRIANGLE),
+                                       notes="width 1 and one block per stage in smoke"),
+    },
+    # What 2 CPU cores do in about half an hour for the whole book.
+    "cpu": {
+        "mnist-mlp": {"recipe": get_recipe("cpu-mlp-mnist")},
+        "cifar10-mlp": {"recipe": _mlp("cpu-mlp-cifar10", "cifar10", (512, 512, 512), epochs=10, lr=0.02, **TRIANGLE),
+                        "pairs": ("spawn", "naive", "wm", "am")},
+        "cifar10-vgg16": dict(_CPU_CONV, recipe=_conv("cpu-vgg16-bn-w025", {"arch": "vgg16", "norm": "bn", "width": 0.25},
+                                                      epochs=10, lr=0.05, train_subset=20000, **TRIANGLE),
+                              notes="VGG-16 at 1/4 width, 20k training images, 10 epochs"),
+        "cifar10-resnet20": dict(_CPU_CONV, recipe=_conv("cpu-resnet20-bn", {"arch": "resnet20", "width": 1, "norm": "bn"},
+                                                         epochs=8, lr=0.05, train_subset=8000, **TRIANGLE),
+                                 notes="ResNet-20 x1, 8k training images, 8 epochs"),
+    },
+    # The paper's settings (one GPU): the bases as they are.
+    "paper": {name: {} for name in BASE},
+}
+
+PROFILES: dict[str, dict[str, Setting]] = {
+    profile: {name: replace(BASE[name], **changes) for name, changes in settings.items()}
+    for profile, settings in OVERRIDES.items()
+}
+
+
+def default_profile() -> str:
+    return "paper" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings(profile: str | None = None, names: list | str | None = None, **overrides) -> dict[str, Setting]:
+    """The settings of a profile (default: 'paper' with a GPU, else 'cpu'), optionally only those
+    `names`, with field overrides applied to every setting (e.g. alphas=11)."""
+    profile = profile or default_profile()
+    if profile not in PROFILES:
+        raise KeyError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    settings = PROFILES[profile]
+    if isinstance(names, str):  # from the command line: '["a", "b"]' or 'a,b'
+        names = json.loads(names) if names.strip().startswith("[") else [n.strip() for n in names.split(",") if n.strip()]
+    if names:
+        unknown = set(names) - set(settings)
+        if unknown:
+            raise KeyError(f"profile {profile!r} has no settings {sorted(unknown)}; it has {sorted(settings)}")
+        settings = {k: v for k, v in settings.items() if k in names}
+    return {k: replace(v, **overrides) if overrides else v for k, v in settings.items()}

@@ -1,0 +1,140 @@
+"""What each chapter computes for one setting: tidy tables, one function per table.
+
+Every per-(setting, pair) frame is cached by the models' keys (`_pair_frame`), so chapters that need
+the same pass (chapters 2 and 3 share `layer_tables`) compute it once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import pandas as pd
+import torch
+
+from . import cache, data
+from .interpolate import interpolation_curve
+from .metrics import find_taps, layer_metrics, principal_angles, stitching_errors, weight_spectra
+from .pairs import SettingModels, build_pairs, calibration, eval_splits, train_models
+from .permutation import apply_permutation, identity_perms, random_perms
+from .profiles import Setting, setting_hash
+from .runtime import default_device
+
+LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)
+
+
+def _metric_batches(setting: Setting, device):
+    return data.batches(eval_splits(setting, device)["test"], setting.metric_batch)
+
+
+def _pair_frame(kind: str, models: SettingModels, pair: str, compute, extra: dict | None = None) -> pd.DataFrame:
+    """A per-(setting, pair) frame cached by the models' keys, so chapters share one computation."""
+    config = {"kind": kind, "setting": setting_hash(models.setting), "keys": models.keys, "pair": pair, **(extra or {})}
+    frame = cache.get_or_compute_frame("frames", config, compute)
+    frame.insert(0, "pair", pair)
+    frame.insert(0, "setting", models.setting.name)
+    return frame
+
+
+def lmc_table(setting: Setting, device=None) -> pd.DataFrame:
+    """Loss and error along alpha on train and test for every pair (chapter 1)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    frames = []
+    for pair, (a, b) in build_pairs(models, device).items():
+        curve = partial(_curve, setting, a, b, device)
+        frames.append(_pair_frame("lmc", models, pair, curve))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _curve(setting: Setting, a, b, device) -> pd.DataFrame:
+    return interpolation_curve(a, b, eval_splits(setting, device), alphas=setting.alphas, correction=setting.correction,
+                               calibration=calibration(setting, device))
+
+
+@dataclass
+class _LayerPass:
+    """One `layer_metrics` pass for a pair, run on the first request; it yields both the 'llfc' and the
+    'conditions' frame, so a pair whose frames are both cached costs nothing."""
+    setting: Setting
+    a: torch.nn.Module
+    b: torch.nn.Module
+    device: object
+    alphas: tuple
+    result: dict = field(default_factory=dict)
+
+    def __call__(self, kind: str) -> pd.DataFrame:
+        if not self.result:
+            self.result.update(layer_metrics(self.a, self.b, _metric_batches(self.setting, self.device),
+                                             alphas=self.alphas, correction=self.setting.correction,
+                                             calibration=calibration(self.setting, self.device)))
+        return self.result[kind]
+
+
+def layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
+    """LLFC and the two conditions per layer for every pair (chapters 2 and 3 share this pass)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    out = {"llfc": [], "conditions": []}
+    for pair, (a, b) in build_pairs(models, device).items():
+        layer_pass = _LayerPass(setting, a, b, device, tuple(alphas))
+        for kind in out:
+            out[kind].append(_pair_frame(kind, models, pair, partial(layer_pass, kind), {"alphas": list(alphas)}))
+    return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
+
+
+def matching_table(setting: Setting, device=None, seed: int = 0) -> pd.DataFrame:
+    """Chapter 4: for identity, random, WM and AM permutations of the independent B, per linear op the
+    weight gap dist(W_A, P W_B P'^T), the feature gap dist(H_A, P' H_B) and the commutativity residual."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    a, b = models.a, models.others["independent"]
+    spec = a.permutation_spec()
+    sizes = spec.sizes(a.state_dict())
+    aligned = {p: pb for p, (_, pb) in build_pairs(models, device).items() if p in ("wm", "am", "ste")}
+    candidates = {"identity": apply_permutation(b, spec, identity_perms(sizes)),
+                  "random": apply_permutation(b, spec, random_perms(sizes, seed)), **aligned}
+    frames = []
+    for method, pb in candidates.items():
+        gaps = partial(_gaps, setting, a, pb, device)
+        frames.append(_pair_frame("matching", models, method, gaps, {"seed": seed}).rename(columns={"pair": "method"}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
+    cond = layer_metrics(a, b, _metric_batches(setting, device), alphas=(0.5,))["conditions"]
+    cond = cond[cond.kind == "linear"]
+    return cond.rename(columns={"dist_w": "weight_gap", "dist_h": "feature_gap"})[
+        ["layer", "depth", "weight_gap", "feature_gap", "dist_com", "dist_com_sample"]]
+
+
+def appendix_tables(setting: Setting, device=None, k: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stitching errors and principal angles per ReLU layer for every pair (chapter 4's appendix view)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    stitch, angles = [], []
+    for pair, (a, b) in build_pairs(models, device).items():
+        stitch.append(_pair_frame("stitch", models, pair, partial(_on_test, stitching_errors, setting, a, b, device)))
+        angles.append(_pair_frame("angles", models, pair,
+                                  partial(_on_test, partial(principal_angles, k=k), setting, a, b, device), {"k": k}))
+    return pd.concat(stitch, ignore_index=True), pd.concat(angles, ignore_index=True)
+
+
+def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
+    return measure(a, b, _metric_batches(setting, device))
+
+
+def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
+    """Weight singular-value summaries (`metrics.weight_spectra`) of A, its spawn partner and the
+    independent B, per linear op, with each layer's depth (chapter 4's low-rank view)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    example = next(data.batches(eval_splits(setting, device)["test"], 2))[0]
+    depth = find_taps(models.a, example)["depth"]
+    frames = []
+    for name, model in {"a": models.a, **models.others}.items():
+        frame = weight_spectra(model)
+        frame.insert(0, "model", name)
+        frame.insert(0, "setting", setting.name)
+        frame.insert(3, "depth", frame.layer.map(depth))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

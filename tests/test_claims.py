@@ -1,0 +1,183 @@
+"""Every claim of `llfc_core.claims` on small synthetic frames, in both directions: a frame where it must
+pass and one where it must fail. A claim that cannot fail checks nothing."""
+import pandas as pd
+import pytest
+
+from llfc_core import claims
+
+LAYERS = ["relu1", "relu2", "relu3", "logits"]
+ALPHAS = [0.25, 0.5, 0.75]
+
+
+def verdict(rows, claim, pair=None, split=None):
+    found = [r for r in rows if r["claim"] == claim and (pair is None or r["pair"] == pair)
+             and (split is None or r["split"] == split)]
+    assert len(found) == 1, (claim, pair, split, found)
+    return found[0]["passed"]
+
+
+# ------------------------------------------------------------------------------------------ chapter 1
+def barrier_table(spawn=0.01, naive=0.30, train_spawn=None):
+    rows = []
+    for split in ("train", "test"):
+        s = spawn if split == "test" or train_spawn is None else train_spawn
+        rows += [{"setting": "cifar10-vgg16", "pair": "spawn", "split": split, "error_barrier": s},
+                 {"setting": "cifar10-vgg16", "pair": "naive", "split": split, "error_barrier": naive}]
+    return pd.DataFrame(rows)
+
+
+def test_chapter1_passes_on_a_connected_pair():
+    rows = claims.chapter1(barrier_table(), "cpu")
+    assert all(r["passed"] for r in rows) and len(rows) == 4
+
+
+def test_chapter1_fails_on_a_barrier_and_on_a_naive_pair_too_close():
+    assert not verdict(claims.chapter1(barrier_table(spawn=0.05), "cpu"), "lmc.barrier", split="test")
+    assert not verdict(claims.chapter1(barrier_table(naive=0.02), "cpu"), "lmc.naive_separated", split="test")
+    # the train split is checked on its own: a pair connected on test only fails there
+    rows = claims.chapter1(barrier_table(train_spawn=0.2), "cpu")
+    assert verdict(rows, "lmc.barrier", split="test") and not verdict(rows, "lmc.barrier", split="train")
+
+
+def test_paper_profile_is_stricter():
+    assert verdict(claims.chapter1(barrier_table(spawn=0.025), "cpu"), "lmc.barrier", split="test")
+    assert not verdict(claims.chapter1(barrier_table(spawn=0.025), "paper"), "lmc.barrier", split="test")
+
+
+# ------------------------------------------------------------------------------------------ chapter 2
+def llfc_frame(spawn=0.01, naive=0.3, c=1.0, logits=None, naive_logits=None):
+    rows = []
+    for layer in LAYERS:
+        for alpha in ALPHAS:
+            s = logits if (layer == "logits" and logits is not None) else spawn
+            n = naive_logits if (layer == "logits" and naive_logits is not None) else naive
+            rows.append({"setting": "mnist-mlp", "pair": "spawn", "layer": layer, "alpha": alpha, "cos_dist": s,
+                         "scale_c": c})
+            rows.append({"setting": "mnist-mlp", "pair": "naive", "layer": layer, "alpha": alpha, "cos_dist": n,
+                         "scale_c": 2.0})
+    return pd.DataFrame(rows)
+
+
+def lmc_curve(mid_error=0.02, end_error=0.015):
+    return pd.DataFrame([{"setting": "mnist-mlp", "pair": "spawn", "split": "test", "alpha": a,
+                          "error": mid_error if a == 0.5 else end_error} for a in (0.0, 0.5, 1.0)])
+
+
+def chapter2(**kw):
+    curve = kw.pop("curve", lmc_curve())
+    return claims.chapter2(llfc_frame(**kw), None, curve, "cpu")
+
+
+def test_chapter2_passes_on_an_llfc_pair():
+    rows = chapter2()
+    assert all(r["passed"] for r in rows)
+    assert {r["claim"] for r in rows} == {"llfc.layers", "llfc.naive_fails", "llfc.scale_c", "lemma1.premise",
+                                          "lemma1.bound"}
+
+
+def test_llfc_fails_above_the_level_and_close_to_naive():
+    assert not verdict(chapter2(spawn=0.1), "llfc.layers")
+    # below the level, but not clearly below the naive pair: the ratio criterion fails it
+    assert not verdict(chapter2(spawn=0.04, naive=0.045), "llfc.layers")
+
+
+def test_naive_pair_that_looks_llfc_is_flagged():
+    assert not verdict(chapter2(naive=0.01), "llfc.naive_fails")
+
+
+def test_scale_c_far_from_one_fails():
+    assert not verdict(chapter2(c=1.3), "llfc.scale_c")
+    assert not verdict(chapter2(c=0.8), "llfc.scale_c")
+
+
+def test_lemma1_checks_its_premise_and_bounds_only_where_it_holds():
+    rows = chapter2(logits=0.2, naive_logits=0.5)
+    assert not verdict(rows, "lemma1.premise")
+    assert not [r for r in rows if r["claim"] == "lemma1.bound"]  # no premise, no conclusion to check
+    assert not verdict(chapter2(curve=lmc_curve(mid_error=0.05)), "lemma1.bound")
+
+
+# ------------------------------------------------------------------------------------------ chapter 3
+def conditions_frame(sigma=0.01, com=0.01, naive_sigma=0.2, naive_com=1.5):
+    rows = []
+    for pair, s, c in (("spawn", sigma, com), ("naive", naive_sigma, naive_com)):
+        for l in ("relu1", "relu2"):
+            rows.append({"setting": "mnist-mlp", "pair": pair, "layer": l, "kind": "relu", "alpha": 0.5, "dist_sigma": s})
+        for l in ("fc2", "fc3"):
+            rows.append({"setting": "mnist-mlp", "pair": pair, "layer": l, "kind": "linear", "alpha": 0.5,
+                         "dist_com": c, "dist_w": 2.0, "dist_h": 1.4})
+        rows.append({"setting": "mnist-mlp", "pair": pair, "layer": "fc1", "kind": "linear", "alpha": 0.5,
+                     "dist_com": 0.0, "dist_w": 2.0, "dist_h": 0.0})  # the first layer: H_A = H_B
+    return pd.DataFrame(rows)
+
+
+def test_chapter3_both_directions():
+    rows = claims.chapter3(conditions_frame(), "cpu")
+    assert verdict(rows, "cond.sigma_vs_naive") and verdict(rows, "cond.com_vs_naive")
+    assert verdict(rows, "cond.com_below_factors", pair="spawn")
+    rows = claims.chapter3(conditions_frame(sigma=0.15, com=1.5), "cpu")
+    assert not verdict(rows, "cond.sigma_vs_naive") and not verdict(rows, "cond.com_vs_naive")
+    assert not verdict(rows, "cond.com_below_factors", pair="spawn")  # 1.5 is not below dist_h = 1.4
+
+
+# ------------------------------------------------------------------------------------------ chapter 4
+def matching_frame(wm=(1.65, 0.7, 0.15), am=(1.8, 0.45, 0.09)):
+    rows = []
+    for method, (w, h, c) in {"identity": (2.0, 1.45, 2.0), "random": (2.0, 1.44, 2.0), "wm": wm, "am": am}.items():
+        for layer in ("fc2", "fc3"):
+            rows.append({"setting": "mnist-mlp", "method": method, "layer": layer, "weight_gap": w,
+                         "feature_gap": h, "dist_com": c})
+    return pd.DataFrame(rows)
+
+
+def stitch_frame(worst=0.03):
+    return pd.DataFrame([{"setting": "mnist-mlp", "pair": "spawn", "layer": "relu1", "stitch_error": worst}])
+
+
+def chapter4(**kw):
+    stitch = stitch_frame(kw.pop("worst", 0.03))
+    return claims.chapter4(matching_frame(**kw), stitch, lmc_curve(), "cpu")
+
+
+def test_factor_decomposition_is_exact():
+    table = claims.factor_decomposition(matching_frame()).set_index("method")
+    wm = table.loc["wm"]
+    assert wm.share_weight_gap + wm.share_feature_gap + wm.share_alignment == pytest.approx(1.0)
+    assert wm.alignment == pytest.approx(0.15 / (1.65 * 0.7))
+
+
+def test_chapter4_passes_where_alignment_does_the_work():
+    rows = chapter4()
+    assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+
+
+def test_chapter4_fails_in_each_direction():
+    # Dist_com falls only because the weight gap collapsed: the factors, not the alignment, explain it
+    assert not verdict(chapter4(wm=(0.2, 1.45, 0.2)), "match.alignment_dominates", pair="wm")
+    assert not verdict(chapter4(wm=(1.9, 1.4, 1.5)), "match.com_drop", pair="wm")
+    assert not verdict(chapter4(am=(1.5, 0.9, 0.09)), "match.each_its_factor")
+    assert not verdict(chapter4(worst=0.2), "stitch.lmc")
+
+
+# --------------------------------------------------------------------------------------------- review
+def test_review_statuses_and_explanations():
+    rows = claims.chapter1(barrier_table(spawn=0.05), "cpu")
+    key = ("lmc.barrier", "cifar10-vgg16", "spawn")
+    frame = claims.review(rows, "cpu", {key: "because"})
+    assert set(frame[frame.claim == "lmc.barrier"].status) == {"deviates (explained)"}
+    assert set(claims.review(rows, "cpu", {}).status) == {"FAIL", "pass"}
+
+
+def test_an_explanation_no_failing_check_uses_is_an_error():
+    rows = claims.chapter1(barrier_table(), "cpu")  # everything passes
+    with pytest.raises(claims.ClaimError, match="no failing check uses"):
+        claims.review(rows, "cpu", {("lmc.barrier", "cifar10-vgg16", "spawn"): "stale"})
+    # a setting this run did not check keeps its explanation
+    claims.review(rows, "cpu", {("lmc.barrier", "mnist-mlp", "spawn"): "for another run"})
+
+
+def test_committed_explanations_name_real_claims():
+    for profile, deviations in claims.DEVIATIONS.items():
+        for claim_id, setting, pair in deviations:
+            assert claim_id in claims.CLAIMS, claim_id
+            assert pair in claims.LMC_PAIRS.get(setting, ()) + ("naive", "wm", "am", "ste", "wm/am"), (setting, pair)
