@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import data
+from .permutation import check_same_architecture
 from .train import evaluate
 
 CORRECTIONS = ("none", "bn_reset", "repair")
@@ -28,6 +29,7 @@ def interpolate_state(state_a: dict, state_b: dict, alpha: float) -> dict:
     """Float tensors are interpolated; integer buffers (BN batch counters) are taken from A."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1] (1 is A, 0 is B), got {alpha}")
+    check_same_architecture(state_a, state_b)
     return {k: alpha * a + (1 - alpha) * state_b[k] if a.is_floating_point() else a.clone()
             for k, a in state_a.items()}
 

@@ -5,31 +5,24 @@ position i), to be applied with `apply_permutation(model_b, spec, perms)`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .permutation import (PermutationSpec, SpecError, apply_permutation, identity_perms, permute_param, permute_state,
-                          random_perms)
+from .permutation import (PermutationSpec, SpecError, apply_permutation, check_same_architecture, identity_perms,
+                          permute_param, permute_state, random_perms)
 from .runtime import progress
 
 
 @dataclass
 class MatchResult:
     perms: dict[str, torch.Tensor]
-    objective: list[float] = field(default_factory=list)  # after each sweep (WM) / the final value (AM)
+    objective: list[float] = field(default_factory=list)  # after each sweep (WM) / the final value (AM, STE)
     sweeps: int = 0
-
-
-def check_same_architecture(state_a: dict, state_b: dict) -> None:
-    if set(state_a) != set(state_b):
-        diff = sorted(set(state_a) ^ set(state_b))
-        raise SpecError(f"the two models have different parameters: {diff[:5]}")
-    for k in state_a:
-        if state_a[k].shape != state_b[k].shape:
-            raise SpecError(f"parameter {k!r} has shape {tuple(state_a[k].shape)} in A but {tuple(state_b[k].shape)} in B")
+    loss_trace: list[float] = field(default_factory=list)  # STE: the midpoint training loss of every step
 
 
 def solve_assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -232,41 +225,56 @@ def _channels_last_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ STE
-def ste_matching(model_a, model_b, spec: PermutationSpec, batches_fn, *, epochs: int = 1, lr: float = 1e-3,
-                 seed: int = 0) -> MatchResult:
-    """Straight-through estimator (Git Re-Basin): learn a proxy theta~ (started at A); each step projects it
-    onto B's permutation orbit by weight matching, evaluates the midpoint 0.5 (A + pi(B)) with the
-    projection in the forward pass and theta~ in the backward pass, and steps theta~ with Adam.
-    `batches_fn(epoch)` yields (x, y) training batches. Returns the final projection's permutations.
+def ste_matching(model_a, model_b, spec: PermutationSpec, batches_fn, *, epochs: int = 10, lr: float = 1e-2,
+                 momentum: float = 0.9, seed: int = 0) -> MatchResult:
+    """Straight-through estimator, as in Git Re-Basin's `src/mnist_mlp_ste2.py`: a proxy theta~ starts at
+    A; every step projects it onto B's permutation orbit by weight matching (warm-started from the last
+    projection), evaluates the midpoint 0.5 (A + pi(B)) with the projection in the forward pass and
+    theta~ in the backward pass, and takes an SGD step (lr 1e-2, momentum 0.9 there; 250 epochs of
+    batch 1000 there, `epochs` here). `batches_fn(epoch)` yields (x, y) training batches.
+
+    Returns the permutation of the step with the lowest midpoint batch loss (the script keeps that one
+    too), its loss as `objective`, and every step's loss in `loss_trace`.
     """
     import torch.nn.functional as F
     from torch.func import functional_call
 
+    if epochs < 1:
+        raise ValueError(f"STE needs at least one epoch, got {epochs}")
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     state_b = {k: v.detach() for k, v in model_b.state_dict().items()}
     param_keys = [k for k, _ in model_a.named_parameters()]
     proxy = {k: state_a[k].clone().requires_grad_(True) for k in param_keys}
-    opt = torch.optim.Adam(proxy.values(), lr=lr)
+    opt = torch.optim.SGD(proxy.values(), lr=lr, momentum=momentum)
 
     def proxy_state():
         return {**state_a, **{k: v.detach() for k, v in proxy.items()}}
 
-    result = weight_matching(spec, state_a, state_b, seed=seed)
-    losses = []
+    perms = weight_matching(spec, state_a, state_b, seed=seed).perms
+    best, losses = (float("inf"), perms), []
     model_a.train()  # BN (if any) uses batch statistics at the midpoint, as in Git Re-Basin
-    for epoch in range(epochs):
-        for x, y in batches_fn(epoch):
-            result = weight_matching(spec, proxy_state(), state_b, seed=seed, init=result.perms)
-            projected = permute_state(spec, result.perms, state_b)
-            # Straight-through: the forward pass sees the projection, the gradient flows into the proxy.
-            mid = {k: 0.5 * (state_a[k] + proxy[k] + (projected[k] - proxy[k]).detach()) if k in proxy
-                   else (0.5 * (state_a[k] + projected[k]) if state_a[k].is_floating_point() else state_a[k])
-                   for k in state_a}
-            loss = F.cross_entropy(functional_call(model_a, mid, (x,)), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    model_a.eval()
-    final = weight_matching(spec, proxy_state(), state_b, seed=seed, init=result.perms)
-    return MatchResult(final.perms, losses, len(losses))
+    bar = progress(total=epochs, desc="STE", leave=False)
+    try:
+        for epoch in range(epochs):
+            for x, y in batches_fn(epoch):
+                perms = weight_matching(spec, proxy_state(), state_b, seed=seed, init=perms).perms
+                projected = permute_state(spec, perms, state_b)
+                # Straight-through: the forward pass sees the projection, the gradient flows into the proxy.
+                mid = {k: 0.5 * (state_a[k] + proxy[k] + (projected[k] - proxy[k]).detach()) if k in proxy
+                       else (0.5 * (state_a[k] + projected[k]) if state_a[k].is_floating_point() else state_a[k])
+                       for k in state_a}
+                loss = F.cross_entropy(functional_call(model_a, mid, (x,)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"STE: the midpoint loss became {losses[-1]} at step {len(losses)}; "
+                                             "lower the learning rate")
+                if losses[-1] < best[0]:
+                    best = (losses[-1], perms)
+            bar.update(1)
+    finally:
+        bar.close()
+        model_a.eval()
+    return MatchResult({p: v.cpu() for p, v in best[1].items()}, [best[0]], len(losses), losses)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation
+from .permutation import check_same_architecture
 
 LINEAR_OPS = (nn.Linear, nn.Conv2d)
 LOGITS = "logits"
@@ -253,6 +254,7 @@ def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.
     `interpolated={alpha: model}`.
     Returns {"llfc": frame per (layer, alpha), "conditions": frame per (layer, alpha)}.
     """
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
     batches = iter(batches)
     first = next(batches)
     taps = find_taps(model_a, first[0])
@@ -394,14 +396,34 @@ def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 1
     for l in relus:
         (ev_a, u_a), (ev_b, u_b) = (torch.linalg.eigh(gram[(t, l)]) for t in "ab")
         kk = min(k, u_a.shape[0])
-        top_a, top_b = u_a[:, -kk:], u_b[:, -kk:]  # eigh sorts ascending
-        cosines = torch.linalg.svdvals(top_a.T @ top_b).clamp(-1, 1)
-        angles = torch.rad2deg(torch.arccos(cosines)).cpu().numpy()
+        angles = _subspace_angles(u_a[:, -kk:], u_b[:, -kk:])  # eigh sorts ascending
         sv_a = ev_a.flip(0).clamp_min(0).sqrt()
         out.append({"layer": l, "depth": taps["depth"][l], "k": kk, "mean_angle": float(np.mean(angles)),
                     "max_angle": float(np.max(angles)),
                     "energy_top_k_a": float((sv_a[:kk] ** 2).sum() / (sv_a ** 2).sum().clamp_min(1e-300))})
     return pd.DataFrame(out)
+
+
+def _subspace_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> np.ndarray:
+    """Principal angles (degrees) between the column spaces of two orthonormal bases."""
+    return torch.rad2deg(torch.arccos(torch.linalg.svdvals(u_a.T @ u_b).clamp(-1, 1))).cpu().numpy()
+
+
+@torch.no_grad()
+def weight_principal_angles(model_a: nn.Module, model_b: nn.Module, k: int = 10) -> pd.DataFrame:
+    """Per linear op: principal angles (degrees) between the top-k left singular subspaces of W_A and W_B
+    (each weight as out x rest) - the weights' low-rank view of the official scripts/principal_angle.py,
+    as opposed to `principal_angles`, which compares the features. Needs no data."""
+    mods_b = dict(model_b.named_modules())
+    rows = []
+    for name, m in model_a.named_modules():
+        if isinstance(m, LINEAR_OPS):
+            wa, wb = (w.weight.detach().flatten(1).double().cpu() for w in (m, mods_b[name]))
+            kk = min(k, *wa.shape)
+            u_a, u_b = torch.linalg.svd(wa, full_matrices=False)[0], torch.linalg.svd(wb, full_matrices=False)[0]
+            angles = _subspace_angles(u_a[:, :kk], u_b[:, :kk])
+            rows.append({"layer": name, "k": kk, "mean_angle": float(np.mean(angles)), "max_angle": float(np.max(angles))})
+    return pd.DataFrame(rows)
 
 
 def weight_spectra(model: nn.Module) -> pd.DataFrame:

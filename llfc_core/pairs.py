@@ -18,6 +18,7 @@ SUBSET_SEEDS = {"activation_matching": 1, "ste": 2, "eval_train": 3, "eval_test"
 # Batch size for passes that only collect statistics (no gradients): large enough to be fast, small
 # enough for the float64 sums of a conv net to stay within a CPU's memory.
 STATS_BATCH = 500
+STE_BATCH = 1000  # Git Re-Basin, src/mnist_mlp_ste2.py
 
 
 @dataclass
@@ -103,7 +104,7 @@ class _Matcher:
             return activation_matching(a, b, spec, data.batches(subset, STATS_BATCH)).perms
         if self.method == "ste":
             subset = train.subset(setting.ste_subset, SUBSET_SEEDS["ste"])
-            return ste_matching(a, b, spec, _EpochBatches(subset, STATS_BATCH), epochs=setting.ste_epochs).perms
+            return ste_matching(a, b, spec, _EpochBatches(subset, STE_BATCH), epochs=setting.ste_epochs).perms
         raise ValueError(f"unknown matching method {self.method!r}")
 
 

@@ -139,6 +139,17 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def check_same_architecture(state_a: dict, state_b: dict) -> None:
+    """Refuse two state dicts that do not hold the same tensors with the same shapes (SpecError naming
+    the first difference): interpolating, matching or measuring them would end in a raw size error."""
+    if set(state_a) != set(state_b):
+        diff = sorted(set(state_a) ^ set(state_b))
+        raise SpecError(f"the two models have different parameters: {diff[:5]}")
+    for k in state_a:
+        if state_a[k].shape != state_b[k].shape:
+            raise SpecError(f"parameter {k!r} has shape {tuple(state_a[k].shape)} in A but {tuple(state_b[k].shape)} in B")
+
+
 def check_invariance(model: nn.Module, spec: PermutationSpec, example: torch.Tensor, seed: int = 0,
                      atol: float = 1e-5, rtol: float = 1e-6) -> float:
     """Apply a random permutation through `spec`; raise SpecError unless the outputs agree.

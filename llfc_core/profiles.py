@@ -40,8 +40,8 @@ class Setting:
     eval_test: int | None = None        # test samples for curves and layer metrics (None: all)
     calibration_samples: int = 5000     # train samples for BN reset / REPAIR / activation matching
     metric_batch: int = 250
-    ste_epochs: int = 1
-    ste_subset: int = 10000
+    ste_epochs: int = 10                # Git Re-Basin's src/mnist_mlp_ste2.py: 250 epochs
+    ste_subset: int | None = None       # train samples STE learns on (None: all, as Git Re-Basin)
     notes: str = ""
 
     def to_dict(self) -> dict:
@@ -91,7 +91,7 @@ _CPU_CONV = {"alphas": 11, "spawn_epoch": 2, "eval_train": 2000, "eval_test": 20
 OVERRIDES: dict[str, dict[str, dict]] = {
     "smoke": {
         "mnist-mlp": dict(_SMOKE_MLP, recipe=_mlp("smoke-mlp-mnist", "mnist", (32, 32, 32), epochs=2, lr=0.05,
-                                                  train_subset=2000, **TRIANGLE), ste_subset=1000),
+                                                  train_subset=2000, **TRIANGLE), ste_subset=1000, ste_epochs=1),
         "cifar10-mlp": dict(_SMOKE_MLP, recipe=_mlp("smoke-mlp-cifar10", "cifar10", (32, 32, 32), epochs=2, lr=0.02,
                                                     train_subset=1000, **TRIANGLE), pairs=("spawn", "naive", "wm", "am")),
         "cifar10-vgg16": dict(_SMOKE_CONV, recipe=_conv("smoke-vgg16-bn", {"arch": "vgg16", "norm": "bn", "width": 0.0625},

@@ -13,7 +13,8 @@ import torch
 
 from . import cache, data
 from .interpolate import interpolation_curve
-from .metrics import find_taps, layer_metrics, principal_angles, stitching_errors, weight_spectra
+from .metrics import (find_taps, layer_metrics, principal_angles, stitching_errors, weight_principal_angles,
+                      weight_spectra)
 from .pairs import SettingModels, build_pairs, calibration, eval_splits, train_models
 from .permutation import apply_permutation, identity_perms, random_perms
 from .profiles import Setting, setting_hash
@@ -108,19 +109,28 @@ def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
 
 
 def appendix_tables(setting: Setting, device=None, k: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stitching errors and principal angles per ReLU layer for every pair (chapter 4's appendix view)."""
+    """Stitching errors per ReLU layer, and principal angles for every pair (chapter 4's appendix view):
+    `space` 'features' per ReLU layer (test data), 'weights' per linear op (the official script's view)."""
     device = device or default_device()
     models = train_models(setting, device)
     stitch, angles = [], []
     for pair, (a, b) in build_pairs(models, device).items():
         stitch.append(_pair_frame("stitch", models, pair, partial(_on_test, stitching_errors, setting, a, b, device)))
-        angles.append(_pair_frame("angles", models, pair,
-                                  partial(_on_test, partial(principal_angles, k=k), setting, a, b, device), {"k": k}))
+        angles.append(_pair_frame("angles", models, pair, partial(_angles, setting, a, b, device, k),
+                                  {"k": k, "spaces": ["features", "weights"]}))
     return pd.concat(stitch, ignore_index=True), pd.concat(angles, ignore_index=True)
 
 
 def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
     return measure(a, b, _metric_batches(setting, device))
+
+
+def _angles(setting: Setting, a, b, device, k: int) -> pd.DataFrame:
+    features = _on_test(partial(principal_angles, k=k), setting, a, b, device).assign(space="features")
+    depth = find_taps(a, next(_metric_batches(setting, device))[0])["depth"]
+    weights = weight_principal_angles(a, b, k=k).assign(space="weights")
+    weights.insert(1, "depth", weights.layer.map(depth))
+    return pd.concat([features, weights], ignore_index=True)
 
 
 def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
@@ -138,3 +148,26 @@ def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
         frame.insert(3, "depth", frame.layer.map(depth))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def llfc_table(setting: Setting, device=None) -> pd.DataFrame:
+    return layer_tables(setting, device)["llfc"]
+
+
+def conditions_table(setting: Setting, device=None) -> pd.DataFrame:
+    return layer_tables(setting, device)["conditions"]
+
+
+def stitching_table(setting: Setting, device=None) -> pd.DataFrame:
+    return appendix_tables(setting, device)[0]
+
+
+def angles_table(setting: Setting, device=None) -> pd.DataFrame:
+    return appendix_tables(setting, device)[1]
+
+
+# Every result table by name, and the tables each chapter reads (in the order it reads them).
+TABLES = {"lmc": lmc_table, "llfc": llfc_table, "conditions": conditions_table, "matching": matching_table,
+          "stitching": stitching_table, "angles": angles_table, "spectra": spectra_table}
+CHAPTER_TABLES = {"01_lmc": ["lmc"], "02_llfc": ["llfc", "lmc"], "03_conditions": ["conditions", "llfc"],
+                  "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"]}

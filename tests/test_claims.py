@@ -181,3 +181,11 @@ def test_committed_explanations_name_real_claims():
         for claim_id, setting, pair in deviations:
             assert claim_id in claims.CLAIMS, claim_id
             assert pair in claims.LMC_PAIRS.get(setting, ()) + ("naive", "wm", "am", "ste", "wm/am"), (setting, pair)
+
+
+def test_ste_must_beat_wm_at_the_midpoint():
+    def curve(ste_loss):
+        return pd.DataFrame([{"setting": "mnist-mlp", "pair": p, "split": "train", "alpha": 0.5, "loss": l}
+                             for p, l in (("wm", 0.10), ("ste", ste_loss))])
+    assert verdict(claims.ste_midpoint(curve(0.05), "cpu"), "lmc.ste_midpoint")
+    assert not verdict(claims.ste_midpoint(curve(0.095), "cpu"), "lmc.ste_midpoint")  # lower, not clearly

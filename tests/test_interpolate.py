@@ -99,3 +99,21 @@ def test_bn_reset_recovers_when_only_statistics_are_wrong():
     reset = evaluate(corrected_interpolation(a, b, 0.5, "bn_reset", calib), te)["error"]
     print(f"A {err_a:.3f}, interpolated {plain:.3f}, after BN reset {reset:.3f}")
     assert abs(reset - err_a) <= 0.03 and plain >= err_a + 0.1
+
+
+def test_bad_alphas_and_mismatched_architectures_are_refused():
+    """One clear error each, before any computation: alpha outside [0, 1] (the curve's ends would no
+    longer be the endpoints) and two models of different widths."""
+    from llfc_core.metrics import layer_metrics
+    from llfc_core.permutation import SpecError
+
+    a = build_model({"arch": "mlp", "widths": [8, 8]})
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        interpolate(a, a, 1.5)
+    with pytest.raises(ValueError, match=r"alphas must lie in \[0, 1\]"):
+        interpolation_curve(a, a, {}, alphas=[-0.5, 0.5])
+    b = build_model({"arch": "mlp", "widths": [8, 9]})
+    with pytest.raises(SpecError, match="fc2.weight"):
+        interpolate(a, b, 0.5)
+    with pytest.raises(SpecError, match="fc2.weight"):
+        layer_metrics(a, b, [(torch.randn(2, 784), None)])

@@ -62,7 +62,9 @@ def test_ste_returns_valid_permutations_and_lowers_midpoint_loss():
     result = ste_matching(a, b, spec, lambda e: data.batches(ds, 128, shuffle=True, seed=e), epochs=3, lr=1e-2)
     for p, v in result.perms.items():
         assert torch.equal(v.sort().values, torch.arange(16))
-    assert len(result.objective) == 12 and result.objective[-1] < result.objective[0]
+    assert len(result.loss_trace) == 12 == result.sweeps
+    assert result.objective == [min(result.loss_trace)]  # the kept permutation is the best step's
+    assert result.loss_trace[-1] < result.loss_trace[0]
 
 
 def test_different_architectures_are_refused():

@@ -174,3 +174,23 @@ def test_weight_spectra_of_a_known_matrix():
     row = weight_spectra(model).set_index("layer").loc["fc1"]
     assert row.sv2 == pytest.approx(0.5) and row.full_rank == 3
     assert row.stable_rank == pytest.approx((16 + 4 + 1) / 16) and row.energy_top10 == pytest.approx(1.0)
+
+
+def test_weight_principal_angles_see_permutations_and_unrelated_weights():
+    """B = a permuted copy of A: its weights span other subspaces until aligned, then every angle is 0;
+    an unrelated network's are far from A's."""
+    from llfc_core.metrics import weight_principal_angles
+    from llfc_core.models import build_model
+    from llfc_core.permutation import apply_permutation, inverse, random_perms
+
+    torch.manual_seed(0)
+    a = build_model({"arch": "mlp", "in_features": 784, "widths": [32, 32], "num_classes": 10})
+    spec = a.permutation_spec()
+    perms = random_perms(spec.sizes(a.state_dict()), 1)
+    b = apply_permutation(a, spec, perms)
+    aligned = apply_permutation(b, spec, {p: inverse(v) for p, v in perms.items()})
+    assert weight_principal_angles(a, aligned, k=5).max_angle.max() < 1e-4
+    assert weight_principal_angles(a, b, k=5).set_index("layer").loc["fc2", "mean_angle"] > 10
+    torch.manual_seed(1)
+    other = build_model({"arch": "mlp", "in_features": 784, "widths": [32, 32], "num_classes": 10})
+    assert weight_principal_angles(a, other, k=5).set_index("layer").loc["fc2", "mean_angle"] > 10

@@ -11,6 +11,7 @@ CONFIGS = {
     "vgg16-bn": ({"arch": "vgg16", "norm": "bn", "width": 0.125}, (5, 3, 32, 32)),
     "vgg16-ln": ({"arch": "vgg16", "norm": "ln", "width": 0.125}, (5, 3, 32, 32)),
     "vgg16-none": ({"arch": "vgg16", "norm": "none", "width": 0.125}, (5, 3, 32, 32)),
+    "vgg16-official-head": ({"arch": "vgg16", "norm": "bn", "width": 0.125, "head": "official"}, (5, 3, 32, 32)),
     "resnet20-bn": ({"arch": "resnet20", "width": 1, "norm": "bn"}, (5, 3, 32, 32)),
     "resnet20x2-ln": ({"arch": "resnet20", "width": 2, "norm": "ln"}, (5, 3, 32, 32)),
 }
@@ -88,7 +89,9 @@ def test_taps_have_documented_shapes(name):
     for n in taps["relus"]:
         pre, post = seen[n]
         assert pre == post and pre[0] == shape[0]  # pre-activation and feature: (N, C) or (N, C, H, W)
-        assert len(pre) == (2 if config["arch"] == "mlp" else 4)
+        # dense (N, C) after a Linear (MLPs, the official VGG head's hidden layers), else (N, C, H, W)
+        dense = isinstance(modules.get(n.replace("relu", "fc")), nn.Linear)
+        assert len(pre) == (2 if dense else 4)
 
 
 def test_resnet_every_relu_is_tapped_including_inside_blocks():
