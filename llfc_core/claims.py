@@ -197,7 +197,7 @@ def llfc_layers(llfc: pd.DataFrame, setting: str, pair: str, profile: str) -> pd
                                                         holds=("holds", "all"))
 
 
-def chapter2(llfc: pd.DataFrame, barrier_table: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
+def chapter2(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     """LLFC per layer, the naive contrast, the scale c, and Lemma 1 through its premise."""
     rows = []
     share, level, c_tol = tolerance("layer_share", profile), tolerance("llfc_level", profile), tolerance("scale_c", profile)

@@ -199,11 +199,11 @@ class _LayerSums:
     linears: list
     depth: dict
     alphas: list
-    llfc: dict = field(default_factory=dict)      # (feature layer, alpha): theta_alpha vs interpolated features
-    base: dict = field(default_factory=dict)      # feature layer: A vs B
-    sigma: dict = field(default_factory=dict)     # (relu, alpha): Condition I
-    com: dict = field(default_factory=dict)       # linear op: Condition II
-    hdist: dict = field(default_factory=dict)     # linear op: layer inputs of A vs B
+    llfc: dict = field(init=False)      # (feature layer, alpha): theta_alpha vs interpolated features
+    base: dict = field(init=False)      # feature layer: A vs B
+    sigma: dict = field(init=False)     # (relu, alpha): Condition I
+    com: dict = field(init=False)       # linear op: Condition II
+    hdist: dict = field(init=False)     # linear op: layer inputs of A vs B
 
     def __post_init__(self):
         self.feats = self.relus + [LOGITS]

@@ -125,11 +125,15 @@ def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
     return measure(a, b, _metric_batches(setting, device))
 
 
+def _depths(setting: Setting, model, device) -> dict:
+    """Each tapped layer's depth (`metrics.find_taps`), from one test batch."""
+    return find_taps(model, next(_metric_batches(setting, device))[0])["depth"]
+
+
 def _angles(setting: Setting, a, b, device, k: int) -> pd.DataFrame:
     features = _on_test(partial(principal_angles, k=k), setting, a, b, device).assign(space="features")
-    depth = find_taps(a, next(_metric_batches(setting, device))[0])["depth"]
     weights = weight_principal_angles(a, b, k=k).assign(space="weights")
-    weights.insert(1, "depth", weights.layer.map(depth))
+    weights.insert(1, "depth", weights.layer.map(_depths(setting, a, device)))
     return pd.concat([features, weights], ignore_index=True)
 
 
@@ -138,8 +142,7 @@ def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
     independent B, per linear op, with each layer's depth (chapter 4's low-rank view)."""
     device = device or default_device()
     models = train_models(setting, device)
-    example = next(data.batches(eval_splits(setting, device)["test"], 2))[0]
-    depth = find_taps(models.a, example)["depth"]
+    depth = _depths(setting, models.a, device)
     frames = []
     for name, model in {"a": models.a, **models.others}.items():
         frame = weight_spectra(model)

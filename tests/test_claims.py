@@ -65,7 +65,7 @@ def lmc_curve(mid_error=0.02, end_error=0.015):
 
 def chapter2(**kw):
     curve = kw.pop("curve", lmc_curve())
-    return claims.chapter2(llfc_frame(**kw), None, curve, "cpu")
+    return claims.chapter2(llfc_frame(**kw), curve, "cpu")
 
 
 def test_chapter2_passes_on_an_llfc_pair():
