@@ -78,7 +78,9 @@ def build_pairs(models: SettingModels, device=None) -> dict[str, tuple]:
             pairs[pair] = (a, b)
         else:
             config = {"a": models.keys["a"], "b": models.keys["independent"], "method": pair,
-                      "calibration": setting.calibration_samples, "ste": [setting.ste_epochs, setting.ste_subset]}
+                      "calibration": setting.calibration_samples}
+            if pair == "ste":  # only STE's permutation depends on its budget
+                config["ste"] = [setting.ste_epochs, setting.ste_subset]
             perms = cache.get_or_compute_tensors("perms", config, _Matcher(pair, a, b, spec, setting, device))
             pairs[pair] = (a, apply_permutation(b, spec, perms))
     return pairs
@@ -142,6 +144,6 @@ def provenance(setting: Setting) -> dict:
 
     return {"setting": {"hash": setting_hash(setting), "recipe": setting.recipe.name, "model": setting.recipe.model,
                         "model_keys": model_hashes(setting), "pairs": list(setting.pairs),
-                        "correction": setting.correction, "notes": setting.notes},
+                        "corrections": list(setting.corrections), "notes": setting.notes},
             "data": {setting.recipe.dataset: dataset_on(setting.recipe.dataset, "test", "cpu").source},
             "seeds": SEEDS}

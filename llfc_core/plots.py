@@ -14,10 +14,10 @@ def _order(values) -> list:
     return [p for p in PAIR_ORDER if p in set(values)] + sorted(set(values) - set(PAIR_ORDER))
 
 
-def interpolation_curves(lmc: pd.DataFrame, metric: str = "error"):
-    """metric along alpha, one panel per setting, colour = pair, dashes = split."""
+def interpolation_curves(lmc: pd.DataFrame, metric: str = "error", style: str = "split"):
+    """metric along alpha, one panel per setting, colour = pair, dashes = `style` (split or correction)."""
     order = _order(lmc.pair)
-    g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=order, palette=PALETTE, style="split",
+    g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=order, palette=PALETTE, style=style,
                     col="setting", col_wrap=min(3, lmc.setting.nunique()), kind="line", marker="o", markersize=4,
                     height=3.2, aspect=1.2, facet_kws={"sharey": False})
     g.set_titles("{col_name}")
@@ -26,11 +26,12 @@ def interpolation_curves(lmc: pd.DataFrame, metric: str = "error"):
 
 
 def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str = "pair", log: bool = True,
-              col: str = "setting", ylabel: str | None = None):
-    """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour."""
+              col: str = "setting", ylabel: str | None = None, style: str | None = None):
+    """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour
+    (or, with `style`, a second variable such as the BatchNorm convention drawn as the line style)."""
     order = _order(frame[hue])
     palette = PALETTE if set(order) <= set(PALETTE) else None  # pairs get fixed colours, anything else defaults
-    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=palette, col=col,
+    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=palette, col=col, style=style,
                     col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
                     aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=None)
     if baseline is not None:

@@ -21,8 +21,8 @@ import torch
 from .runtime import default_device, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
-    "lmc": ["setting", "pair", "split", "alpha", "loss", "error", "correction"],
-    "llfc": ["setting", "pair", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
+    "lmc": ["setting", "pair", "correction", "split", "alpha", "loss", "error"],
+    "llfc": ["setting", "pair", "correction", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
     "conditions": ["setting", "pair", "layer", "depth", "alpha", "dist_sigma", "dist_com", "dist_w", "dist_h"],
     "matching": ["setting", "method", "layer", "depth", "weight_gap", "feature_gap", "dist_com"],
 }

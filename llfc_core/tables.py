@@ -37,49 +37,57 @@ def _pair_frame(kind: str, models: SettingModels, pair: str, compute, extra: dic
 
 
 def lmc_table(setting: Setting, device=None) -> pd.DataFrame:
-    """Loss and error along alpha on train and test for every pair (chapter 1)."""
+    """Loss and error along alpha on train and test for every pair and BatchNorm convention (chapter 1)."""
     device = device or default_device()
     models = train_models(setting, device)
     frames = []
     for pair, (a, b) in build_pairs(models, device).items():
-        curve = partial(_curve, setting, a, b, device)
-        frames.append(_pair_frame("lmc", models, pair, curve))
+        for correction in setting.corrections:
+            curve = partial(_curve, setting, a, b, device, correction)
+            frames.append(_pair_frame("lmc", models, pair, curve, {"correction": correction}))
     return pd.concat(frames, ignore_index=True)
 
 
-def _curve(setting: Setting, a, b, device) -> pd.DataFrame:
-    return interpolation_curve(a, b, eval_splits(setting, device), alphas=setting.alphas, correction=setting.correction,
+def _curve(setting: Setting, a, b, device, correction: str) -> pd.DataFrame:
+    return interpolation_curve(a, b, eval_splits(setting, device), alphas=setting.alphas, correction=correction,
                                calibration=calibration(setting, device))
 
 
 @dataclass
 class _LayerPass:
-    """One `layer_metrics` pass for a pair, run on the first request; it yields both the 'llfc' and the
-    'conditions' frame, so a pair whose frames are both cached costs nothing."""
+    """One `layer_metrics` pass for a pair under one convention, run on the first request; it yields both
+    the 'llfc' and the 'conditions' frame, so a pair whose frames are both cached costs nothing."""
     setting: Setting
     a: torch.nn.Module
     b: torch.nn.Module
     device: object
     alphas: tuple
+    correction: str
     result: dict = field(default_factory=dict)
 
     def __call__(self, kind: str) -> pd.DataFrame:
         if not self.result:
             self.result.update(layer_metrics(self.a, self.b, _metric_batches(self.setting, self.device),
-                                             alphas=self.alphas, correction=self.setting.correction,
+                                             alphas=self.alphas, correction=self.correction,
                                              calibration=calibration(self.setting, self.device)))
-        return self.result[kind]
+        return self.result[kind].assign(correction=self.correction) if kind == "llfc" else self.result[kind]
 
 
 def layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
-    """LLFC and the two conditions per layer for every pair (chapters 2 and 3 share this pass)."""
+    """LLFC per layer for every pair and convention, and the two conditions per layer for every pair
+    (chapters 2 and 3 share this pass). The conditions compare the endpoints' own features and weights,
+    so they do not depend on how theta_alpha is corrected: they come from the first convention's pass."""
     device = device or default_device()
     models = train_models(setting, device)
     out = {"llfc": [], "conditions": []}
     for pair, (a, b) in build_pairs(models, device).items():
-        layer_pass = _LayerPass(setting, a, b, device, tuple(alphas))
-        for kind in out:
-            out[kind].append(_pair_frame(kind, models, pair, partial(layer_pass, kind), {"alphas": list(alphas)}))
+        for i, correction in enumerate(setting.corrections):
+            layer_pass = _LayerPass(setting, a, b, device, tuple(alphas), correction)
+            extra = {"alphas": list(alphas), "correction": correction}
+            out["llfc"].append(_pair_frame("llfc", models, pair, partial(layer_pass, "llfc"), extra))
+            if i == 0:
+                out["conditions"].append(_pair_frame("conditions", models, pair, partial(layer_pass, "conditions"),
+                                                     {"alphas": list(alphas)}))
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
 

@@ -39,6 +39,23 @@ def test_chapter1_fails_on_a_barrier_and_on_a_naive_pair_too_close():
     assert verdict(rows, "lmc.barrier", split="test") and not verdict(rows, "lmc.barrier", split="train")
 
 
+def test_claims_are_checked_under_the_papers_convention_only():
+    """Rows under another BatchNorm convention are shown beside the paper's but never decide a claim."""
+    def both(none, reset):
+        return pd.concat([barrier_table(spawn=none).assign(correction="none"),
+                          barrier_table(spawn=reset).assign(correction="bn_reset")], ignore_index=True)
+
+    rows = claims.chapter1(both(none=0.01, reset=0.20), "cpu")
+    assert len(rows) == 4 and verdict(rows, "lmc.barrier", split="test")
+    assert not verdict(claims.chapter1(both(none=0.20, reset=0.01), "cpu"), "lmc.barrier", split="test")
+    # chapter 2 too: a failing bn_reset layer table does not decide, a failing 'none' one does
+    good, bad = llfc_frame(), llfc_frame(spawn=0.1)
+    mixed = pd.concat([good.assign(correction="none"), bad.assign(correction="bn_reset")], ignore_index=True)
+    assert verdict(claims.chapter2(mixed, lmc_curve(), "cpu"), "llfc.layers")
+    flipped = pd.concat([bad.assign(correction="none"), good.assign(correction="bn_reset")], ignore_index=True)
+    assert not verdict(claims.chapter2(flipped, lmc_curve(), "cpu"), "llfc.layers")
+
+
 def test_paper_profile_is_stricter():
     assert verdict(claims.chapter1(barrier_table(spawn=0.025), "cpu"), "lmc.barrier", split="test")
     assert not verdict(claims.chapter1(barrier_table(spawn=0.025), "paper"), "lmc.barrier", split="test")
