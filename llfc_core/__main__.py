@@ -13,14 +13,16 @@ import argparse
 import sys
 
 from . import chapter
-from .tables import CHAPTER_TABLES, TABLES
+from .tables import CHAPTER_TABLES, TABLES, table_settings
 
 
 def run(profile: str | None, settings: str | None, recompute: bool, chapters: list[str]) -> None:
     for name in chapters:
         ch = chapter.start(name, profile, settings, recompute)
         for table in CHAPTER_TABLES[name]:
-            ch.table(table, TABLES[table])
+            covered = table_settings(table, ch.settings)
+            if covered != []:  # a table no chosen setting is part of (the spawn study) is skipped
+                ch.table(table, TABLES[table], settings=covered)
         ch.report()  # records the chapter's minutes when it computed something
 
 

@@ -33,9 +33,12 @@ class Chapter:
     tables: list = field(default_factory=list)  # the tables this chapter read, in order
     figures: int = 0
 
-    def table(self, table: str, compute) -> pd.DataFrame:
-        """The chapter's rows of `table`: committed where their setting is unchanged, else `compute(setting)`."""
-        hashes = {name: profiles.setting_hash(s) for name, s in self.settings.items()}
+    def table(self, table: str, compute, settings: list | None = None) -> pd.DataFrame:
+        """The chapter's rows of `table` (of `settings`, default all the chapter's): committed where their
+        configuration is unchanged, else `compute(setting)`."""
+        from .tables import results_hash
+
+        hashes = {name: results_hash(table, s) for name, s in self.settings.items() if settings is None or name in settings}
         frame = results.load_or_compute(self.profile, table, hashes, lambda name: compute(self.settings[name]),
                                         lambda name: provenance(self.settings[name]), recompute=self.recompute)
         self.computed |= bool(frame.attrs.get("computed"))
@@ -105,9 +108,13 @@ class Chapter:
 def start(name: str, profile: str | None = None, setting_names: list | str | None = None, recompute: bool = False,
           threads: int | None = None, **overrides) -> Chapter:
     """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without.
-    `setting_names`: a subset of the profile's settings (default: all of them)."""
+    `setting_names`: a subset of the profile's settings (default: the chapter's, else all of them)."""
     configure_threads(threads)
     profile = profile or os.environ.get("LLFC_PROFILE") or profiles.default_profile()
+    if setting_names is None:  # some chapters cover a subset by default (tables.CHAPTER_SETTINGS)
+        from .tables import CHAPTER_SETTINGS
+
+        setting_names = CHAPTER_SETTINGS.get(name, {}).get(profile)
     chosen = profiles.get_settings(profile, setting_names, **overrides)
     print(f"chapter {name}: profile {profile!r}, device {default_device()}, settings {list(chosen)}")
     return Chapter(name, profile, chosen, recompute or os.environ.get("LLFC_RECOMPUTE") == "1")

@@ -44,6 +44,8 @@ TOLERANCES = {
     "com_drop": 0.5,           # matching lowers the median Dist_com to at most half of B unpermuted
     "stitch_margin": 0.05,     # a stitched LMC pair errs at most this much more than its worse endpoint
     "ste_gain": 0.1,           # STE's midpoint train loss at least this fraction below WM's ("clearly")
+    "cm_margin": 0.01,         # CM's error barrier at most this above the better of WM and AM
+    "average_gap": 0.02,       # feature vs weight averaging: error difference counted as "the same"
 }
 
 
@@ -74,6 +76,11 @@ CLAIMS = {c.id: c for c in [
     Claim("stitch.lmc", "A's features at any ReLU, fed into B's remaining layers, lose at most the margin", "Zhou et al. App. (model stitching)"),
     Claim("match.com_drop", "matching lowers the median Dist_com to at most half of B unpermuted", "Zhou et al. Sec. 6"),
     Claim("match.each_its_factor", "WM leaves the smaller weight gap, AM the smaller feature gap", "Zhou et al. Sec. 6"),
+    Claim("cm.com_lower", "CM's median Dist_com on test data is below WM's and AM's (it minimises the training-data version)", "this book, Ch. 6 (the paper's future direction)"),
+    Claim("cm.lmc", "seeking commutativity buys LMC: CM's error barrier is at most the margin above the better of WM and AM", "Zhou et al. Thm. 1 and future work, tested in Ch. 6"),
+    Claim("average.interchangeable", "for an LMC pair, averaging features at any layer and continuing with theta_alpha errs like theta_alpha itself", "Zhou et al. future work (feature averaging), Ch. 6"),
+    Claim("average.naive_parts", "for the naive pair, the logit ensemble and theta_alpha part: their errors differ by more than the gap", "Ch. 6"),
+    Claim("spawn.together", "LLFC and LMC appear at the same spawn epoch", "Zhou et al. Lemma 1 with Frankle et al., Ch. 6"),
     Claim("match.alignment_dominates", "most of the drop in Dist_com comes from how the two difference matrices line up, not from either gap", "this book, Ch. 4"),
 ]}
 
@@ -329,6 +336,77 @@ def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame,
             rows.append(_row("match.each_its_factor", setting, "wm/am", float(w_ok and h_ok), 1.0, w_ok and h_ok,
                              f"weight gap WM {t.loc['wm', 'weight_gap']:.3f} vs AM {t.loc['am', 'weight_gap']:.3f}; "
                              f"feature gap AM {t.loc['am', 'feature_gap']:.3f} vs WM {t.loc['wm', 'feature_gap']:.3f}"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- chapter 6
+def cm_claims(lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list[dict]:
+    """`lmc` / `conditions`: chapters 1 and 3's tables with the CM pair's rows added."""
+    from .interpolate import barriers
+
+    rows, margin = [], tolerance("cm_margin", profile)
+    half = conditions[(conditions.alpha == 0.5) & (conditions.kind == "linear") & (conditions.dist_h > 0)]
+    com = half.groupby(["setting", "pair"]).dist_com.median()
+    table = barriers(checked(lmc)).set_index(["setting", "pair", "split"]).error_barrier
+    for setting in half.setting.unique():
+        mine = com.get((setting, "cm"))
+        others = {p: com[(setting, p)] for p in ("wm", "am") if (setting, p) in com.index}
+        if mine is None or not others:
+            continue
+        best = min(others.values())
+        rows.append(_row("cm.com_lower", setting, "cm", mine / best, 1.0, mine < best,
+                         f"median Dist_com CM {mine:.4f} vs " + ", ".join(f"{p.upper()} {v:.4f}" for p, v in others.items())))
+        for split in ("train", "test"):
+            if (setting, "cm", split) not in table.index:
+                continue
+            cm = table[(setting, "cm", split)]
+            ref = min(table[(setting, p, split)] for p in others if (setting, p, split) in table.index)
+            rows.append(_row("cm.lmc", setting, "cm", cm - ref, margin, cm <= ref + margin,
+                             f"{split} error barrier CM {cm:.2%} vs best of WM/AM {ref:.2%}", split))
+    return rows
+
+
+def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
+    """`averaging`: `metrics.feature_averaging` rows per (setting, pair). For an LMC pair, the error of
+    feature averaging at each layer (and of the ensemble) differs from theta_alpha's by at most the gap
+    at every alpha in at least the layer share; the naive pair's ensemble must part from theta_alpha."""
+    rows, gap, share = [], tolerance("average_gap", profile), tolerance("layer_share", profile)
+    for (setting, pair), g in averaging.groupby(["setting", "pair"], sort=False):
+        weights = g[g.layer == "weights"].set_index("alpha").error
+        rest = g[g.layer != "weights"]
+        diff = (rest.error - rest.alpha.map(weights)).abs().groupby(rest.layer, sort=False).max()
+        if pair == "naive":
+            logits = diff.get("logits", float("nan"))
+            rows.append(_row("average.naive_parts", setting, pair, logits, gap, logits > gap,
+                             f"ensemble vs theta_alpha: error differs by up to {logits:.2%}"))
+        elif _lmc(setting, pair):
+            same = (diff <= gap).mean()
+            rows.append(_row("average.interchangeable", setting, pair, same, share, same >= share,
+                             f"within {gap:.0%} of theta_alpha in {same:.0%} of {len(diff)} layers; largest "
+                             f"{diff.max():.2%} at {diff.idxmax()}"))
+    return rows
+
+
+def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
+    """The first spawn epoch with a test error barrier within the tolerance must be the first at which
+    LLFC (the level, at alpha = 0.5) holds in the layer share. (None of the epochs counts as one more
+    epoch than the last studied.)"""
+    from .interpolate import barriers
+
+    rows = []
+    tol, level, share = tolerance("barrier", profile), tolerance("llfc_level", profile), tolerance("layer_share", profile)
+    bar = barriers(checked(spawn_lmc).drop(columns="pair").rename(columns={"spawn_epoch": "pair"}))
+    bar = bar[bar.split == "test"]
+    for setting, g in spawn_layers.groupby("setting", sort=False):
+        epochs = sorted(g.spawn_epoch.unique())
+        never = max(epochs) + 1
+        held = g.assign(ok=g.cos_dist <= level).groupby("spawn_epoch").ok.mean()
+        b = bar[bar.setting == setting].set_index("pair").error_barrier
+        lmc_at = next((e for e in epochs if b.get(e, float("inf")) <= tol), never)
+        llfc_at = next((e for e in epochs if held.get(e, 0.0) >= share), never)
+        rows.append(_row("spawn.together", setting, "spawn", llfc_at - lmc_at, 0, llfc_at == lmc_at,
+                         f"first LMC epoch {lmc_at if lmc_at != never else 'none'}, first LLFC epoch "
+                         f"{llfc_at if llfc_at != never else 'none'} (of {epochs})"))
     return rows
 
 

@@ -278,3 +278,265 @@ def ste_matching(model_a, model_b, spec: PermutationSpec, batches_fn, *, epochs:
         bar.close()
         model_a.eval()
     return MatchResult({p: v.cpu() for p, v in best[1].items()}, [best[0]], len(losses), losses)
+
+
+# ----------------------------------------------------------------------------- commutativity matching
+# The paper's future direction: a permutation that seeks commutativity itself. For each linear op with
+# output permutation P and input permutation P' (identity where the spec has none), the residual is
+#   R = (W_A - P W_B P'^T)(H_A - P' H_B),
+# and CM minimises sum_op ||R||_F^2 / (||W_A H_A||_F ||W_B H_B||_F) (the normaliser does not depend on
+# the permutations, so every op counts on one scale). ||R||^2 needs only the inputs' second moments
+# E[h_A h_A^T], E[h_A h_B^T], E[h_B h_B^T] (conv inputs as k x k patches), collected in one pass; after
+# that every evaluation is exact linear algebra.
+@dataclass
+class _OpMoments:
+    """One linear op: its weights flattened to (out, in * k * k) and its inputs' second moments."""
+    key: str                    # the weight's state-dict key
+    p_out: str | None
+    p_in: str | None
+    taps: int                   # patch entries per input channel (k * k; 1 for a linear layer)
+    wa: torch.Tensor
+    wb: torch.Tensor
+    aa: torch.Tensor
+    ab: torch.Tensor
+    bb: torch.Tensor
+
+    scale: float = field(init=False)  # 1 / (||W_A H_A|| ||W_B H_B||) / n: does not depend on the permutations
+
+    def __post_init__(self):
+        norm_a = ((self.wa @ self.aa) * self.wa).sum().clamp_min(0).sqrt()
+        norm_b = ((self.wb @ self.bb) * self.wb).sum().clamp_min(0).sqrt()
+        self.scale = 1.0 / max(float(norm_a * norm_b), 1e-30)
+
+    def patch_index(self, perm: torch.Tensor | None) -> torch.Tensor:
+        """A channel permutation as an index over the flattened (channel, kernel position) patch."""
+        m = self.wa.shape[1]
+        if perm is None:
+            return torch.arange(m, device=self.wa.device)
+        k = self.taps
+        return (perm.to(self.wa.device)[:, None] * k + torch.arange(k, device=self.wa.device)).reshape(-1)
+
+    def residual(self, perms: dict) -> torch.Tensor:
+        """||R||^2 / n for the given permutations, exactly (float64)."""
+        idx = self.patch_index(perms.get(self.p_in))
+        out = perms[self.p_out].to(self.wa.device) if self.p_out else slice(None)
+        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
+        dw = self.wa - self.wb[out][:, idx]
+        return ((dw @ dd) * dw).sum()
+
+    def out_cost(self, perms: dict) -> torch.Tensor:
+        """||R||^2 is linear in P on permutation matrices: ||R||^2 = const - 2 sum_i C[i, perm[i]] with
+        C = W_A (D D^T) (W_B P'^T)^T; this returns C."""
+        idx = self.patch_index(perms.get(self.p_in))
+        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
+        return self.wa @ dd @ self.wb[:, idx].T
+
+    def in_gradient(self, perms: dict) -> torch.Tensor:
+        """The gradient of ||R||^2 with respect to P' (as a relaxed permutation matrix, at the current one).
+        P' enters twice, in W_B P'^T and in P' H_B, so ||R||^2 is quadratic in it. With the patch
+        permutation Pi = P' (x) I_k, E = W_A - P W_B Pi^T, M = D D^T and K = E^T E:
+            d||R||^2 / dPi = -2 M E^T (P W_B) + 2 K (Pi G_BB - G_AB),
+        summed over each kernel position's diagonal block to give the gradient for P'. Every product
+        keeps a factor of E (out x patch), so the cost is (patch)^2 x out, never (patch)^3."""
+        idx = self.patch_index(perms[self.p_in])
+        v = self.wb[perms[self.p_out].to(self.wb.device)] if self.p_out else self.wb
+        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
+        e = self.wa - v[:, idx]
+        grad = -2 * (dd @ e.T) @ v + 2 * e.T @ (e @ (self.bb[idx] - self.ab))
+        n, k = len(perms[self.p_in]), self.taps
+        return grad.reshape(n, k, n, k).diagonal(dim1=1, dim2=3).sum(-1)
+
+
+@torch.no_grad()
+def commutativity_moments(model_a, model_b, spec: PermutationSpec, batches, max_rows: int = 1 << 16) -> list[_OpMoments]:
+    """One streaming pass: per linear op (Linear / Conv2d carrying a permutation), the second moments of
+    its inputs in A and in B (unpermuted). Conv inputs are unfolded into patches `max_rows` at a time.
+    Ops whose input is the same in A and B (the first layer) are left out: their residual is zero."""
+    from .metrics import _chain, find_taps
+
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("commutativity matching got no batches")
+    ops = [n for n in find_taps(model_a, first[0])["linears"] if any(spec.axes.get(f"{n}.weight", (None,))[:2])]
+    mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
+    seen = {"a": {}, "b": {}}
+    hooks = [mods[n].register_forward_hook(_store_input(seen[tag], n))
+             for tag, mods in (("a", mods_a), ("b", mods_b)) for n in ops]
+    sums = {n: [0.0, 0.0, 0.0] for n in ops}
+    count = {n: 0 for n in ops}
+    try:
+        model_a.eval(), model_b.eval()
+        for i, (x, _) in enumerate(_chain(first, batches)):
+            model_a(x), model_b(x)
+            if i == 0:  # an op that sees the same input in A and B (the first) has R = 0 for any permutation
+                ops = [n for n in ops if spec.axes[f"{n}.weight"][1] is not None
+                       or not torch.equal(seen["a"][n], seen["b"][n])]
+            for n in ops:
+                for ha, hb in zip(*(_patch_rows(mods_a[n], seen[t][n], max_rows) for t in ("a", "b"))):
+                    # products in the models' precision, sums over chunks in float64
+                    s = sums[n]
+                    s[0] = s[0] + (ha.T @ ha).double()
+                    s[1] = s[1] + (ha.T @ hb).double()
+                    s[2] = s[2] + (hb.T @ hb).double()
+                    count[n] += ha.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for n in ops:
+        p_out, p_in = spec.axes[f"{n}.weight"][:2]
+        wa, wb = (m[n].weight.detach().double().reshape(m[n].weight.shape[0], -1) for m in (mods_a, mods_b))
+        taps = wa.shape[1] // mods_a[n].weight.shape[1]
+        aa, ab, bb = (s / count[n] for s in sums[n])
+        out.append(_OpMoments(f"{n}.weight", p_out, p_in, taps, wa, wb, aa, ab, bb))
+    return out
+
+
+def _store_input(bucket: dict, name: str):
+    def hook(module, inputs, output):
+        bucket[name] = inputs[0].detach()
+    return hook
+
+
+def _patch_rows(module, h: torch.Tensor, max_rows: int):
+    """The op's input as rows of vectors (conv: one row per sample and output position), in
+    chunks of about `max_rows` rows so a wide conv's unfolded input never sits in memory whole."""
+    import torch.nn.functional as F
+
+    if not isinstance(module, torch.nn.Conv2d):
+        yield h
+        return
+    positions = F.unfold(h[:1], module.kernel_size, module.dilation, module.padding, module.stride).shape[-1]
+    step = max(1, max_rows // positions)
+    for i in range(0, h.shape[0], step):
+        cols = F.unfold(h[i:i + step], module.kernel_size, module.dilation, module.padding, module.stride)
+        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def commutativity_objective(moments: list[_OpMoments], perms: dict) -> float:
+    """sum over ops of ||R||^2 / (||W_A H_A|| ||W_B H_B||) for B permuted by `perms`."""
+    return float(sum(m.residual(perms) * m.scale for m in moments))
+
+
+def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, init: dict | None = None,
+                           max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2, seed: int = 0) -> MatchResult:
+    """Commutativity matching (CM): a descent on sum_op ||R_op||^2 / (||W_A H_A|| ||W_B H_B||) over the
+    permutations, from `init` (default: weight matching's).
+
+    Each step takes one permutation p, the others fixed. p is the output permutation of some ops, where
+    ||R||^2 is exactly linear in it (a linear assignment), and the input permutation of others, where
+    it is quadratic (it enters W_B P'^T and P' H_B): the step solves the assignment of the linearised
+    objective (a Frank-Wolfe vertex), and if that does not lower the exact objective, tries the cycles
+    in which the vertex differs from the current permutation one by one (most promising first, at most
+    `max_cycles`), then the best single swaps. A move is kept only if it lowers the exact objective, so
+    the objective never increases; sweeps stop when one lowers it by less than `rtol` (1 %).
+    `objective`: the value after each sweep (the first entry is the start's).
+    """
+    moments = commutativity_moments(model_a, model_b, spec, batches)
+    sizes = spec.sizes(model_a.state_dict())
+    perms = {p: v.clone() for p, v in (init or weight_matching(spec, model_a.state_dict(),
+                                                                model_b.state_dict(), seed=seed).perms).items()}
+    history = [commutativity_objective(moments, perms)]
+    rng = np.random.default_rng(seed)
+    names = sorted(p for p in sizes if any(p in (m.p_out, m.p_in) for m in moments))
+    bar = progress(total=max_sweeps, desc="commutativity matching", leave=False)
+    sweep = 0
+    for sweep in range(1, max_sweeps + 1):
+        for p in rng.permutation(names):
+            _cm_step(moments, perms, p, max_cycles)
+        history.append(commutativity_objective(moments, perms))
+        bar.update(1)
+        if history[-1] >= history[-2] * (1 - rtol):
+            break
+    bar.close()
+    return MatchResult({p: v.cpu() for p, v in perms.items()}, history, sweep)
+
+
+def _cm_step(moments: list[_OpMoments], perms: dict, p: str, max_cycles: int) -> bool:
+    """One coordinate step on permutation p (see `commutativity_matching`); True if p changed."""
+    rows = torch.arange(len(perms[p]))
+    outs = [m for m in moments if m.p_out == p and m.p_in != p]   # ||R||^2 linear in p: exact from C
+    ins = [m for m in moments if m.p_in == p]                    # quadratic in p: recomputed
+    costs = [m.out_cost(perms) * m.scale for m in outs]
+    start = perms[p]
+    base = sum(float(m.residual(perms) * m.scale) for m in outs)
+
+    def value(candidate):
+        trial = {**perms, p: candidate}
+        linear = sum(float(c[rows, candidate].sum() - c[rows, start].sum()) for c in costs)
+        return base - 2 * linear + sum(float(m.residual(trial) * m.scale) for m in ins)
+
+    # Gain of moving to each assignment, to first order: -(change of the objective).
+    gain = sum((2 * c for c in costs), torch.zeros(len(rows), len(rows), dtype=torch.float64, device=moments[0].wa.device))
+    for m in ins:
+        gain = gain - m.in_gradient(perms) * m.scale
+    before = value(perms[p])
+    tol = 1e-12 * max(1.0, abs(before))
+    moved = False
+    for vertex in (solve_assignment(gain), _feature_vertex(ins, p)):
+        current = perms[p]
+        if vertex is None or torch.equal(vertex, current):
+            continue
+        new = value(vertex)
+        if new < before - tol:
+            perms[p], before, moved = vertex, new, True
+            continue
+        for cycle in _cycles_by_gain(current, vertex, gain)[:max_cycles]:
+            candidate = perms[p].clone()
+            candidate[cycle] = vertex[cycle]
+            new = value(candidate)
+            if new < before - tol:
+                perms[p], before, moved = candidate, new, True
+    if not moved:  # the smallest moves: the transpositions with the largest first-order gain
+        for i, j in _best_swaps(perms[p], gain, max_cycles):
+            candidate = perms[p].clone()
+            candidate[[i, j]] = candidate[[j, i]]
+            new = value(candidate)
+            if new < before - tol:
+                perms[p], before, moved = candidate, new, True
+    return moved
+
+
+def _best_swaps(current: torch.Tensor, gain: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The k transpositions (i, j) of `current` with the largest positive first-order gain."""
+    at = gain[:, current.to(gain.device)]           # at[i, j] = gain of giving position i the value at j
+    keep = at.diagonal()
+    swap = at + at.T - keep[:, None] - keep[None, :]
+    swap = torch.triu(swap, diagonal=1) + torch.tril(torch.full_like(swap, -float("inf")))
+    top = torch.topk(swap.flatten(), min(k, swap.numel())).indices
+    return [(int(t) // swap.shape[1], int(t) % swap.shape[1]) for t in top if swap.flatten()[t] > 0]
+
+
+def _feature_vertex(ins: list[_OpMoments], p: str) -> torch.Tensor | None:
+    """Activation matching's assignment for p from the moments at hand: max <H_A, P H_B> over the inputs
+    that carry p. Where p's layer has H_A = P H_B, its output residual vanishes whatever comes next, so
+    the linearisation sees no reason to move there; this candidate does."""
+    if not ins:
+        return None
+    n = len(ins[0].patch_index(None)) // ins[0].taps
+    cost = sum(m.ab.reshape(n, m.taps, n, m.taps).diagonal(dim1=1, dim2=3).sum(-1) for m in ins)
+    return solve_assignment(cost)
+
+
+def _cycles_by_gain(current: torch.Tensor, target: torch.Tensor, gain: torch.Tensor) -> list[torch.Tensor]:
+    """The position sets on which `target` differs from `current` and that can be changed on their own
+    (the cycles of the permutation taking one to the other), most first-order gain first."""
+    where = {int(v): i for i, v in enumerate(current.tolist())}  # value -> position now holding it
+    seen, cycles = set(), []
+    for start in range(len(current)):
+        if start in seen or int(current[start]) == int(target[start]):
+            continue
+        cycle, i = [], start
+        while i not in seen:
+            seen.add(i)
+            cycle.append(i)
+            i = where[int(target[i])]  # the position whose value moves to i
+        cycles.append(torch.tensor(cycle))
+    rows = torch.arange(len(current))
+
+    def first_order(c):
+        return float(gain[rows[c], target[c]].sum() - gain[rows[c], current[c]].sum())
+
+    return sorted(cycles, key=first_order, reverse=True)

@@ -372,6 +372,61 @@ def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.Data
 
 
 @torch.no_grad()
+def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.25, 0.5, 0.75),
+                      layer_alphas=(0.5,), correction: str = "none", calibration: list | None = None) -> pd.DataFrame:
+    """Weight averaging against feature averaging. Rows ('layer'): 'weights' is theta_alpha itself and
+    'logits' the logit ensemble alpha f_A + (1 - alpha) f_B, at every alpha of `alphas`; a ReLU layer l
+    (at the alphas of `layer_alphas`, one forward pass each) is the network that runs A and B up to l,
+    takes alpha f_A + (1 - alpha) f_B there and continues with theta_alpha's remaining layers. Where LLFC
+    holds with c = 1 at l, the row for l errs like 'weights' (Theorem 1's conclusion, read forwards).
+    Columns: error, loss, and agreement, the share of samples on which the row predicts what the
+    ensemble predicts."""
+    batches = iter(batches)
+    first = next(batches)
+    taps = find_taps(model_a, first[0])
+    relus = taps["relus"]
+    every = sorted(set(alphas) | set(layer_alphas))
+    nets = {a: corrected_interpolation(model_a, model_b, a, correction, calibration).eval() for a in every}
+    rows = {a: (["weights", LOGITS] if a in alphas else []) + (relus if a in layer_alphas else []) for a in every}
+    sums = {(a, r): torch.zeros(3, dtype=torch.float64) for a in every for r in rows[a]}  # loss, wrong, agree
+    total = 0
+    rec_a, rec_b = _Recorder(model_a.eval(), relus, []), _Recorder(model_b.eval(), relus, [])
+    try:
+        for x, y in _chain(first, batches):
+            logits_a, logits_b = model_a(x), model_b(x)
+            total += len(y)
+            for a, net in nets.items():
+                ensemble = a * logits_a + (1 - a) * logits_b
+                outputs = {r: _averaged_at(net, r, x, a, rec_a.post, rec_b.post) for r in rows[a] if r != LOGITS}
+                outputs[LOGITS] = ensemble
+                target = ensemble.argmax(1)
+                for r in rows[a]:
+                    out = outputs[r]
+                    pred = out.argmax(1)
+                    sums[(a, r)] += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double().cpu(),
+                                                 (pred != y).sum().double().cpu(), (pred == target).sum().double().cpu()])
+    finally:
+        rec_a.remove(), rec_b.remove()
+    depth = {"weights": 0, **taps["depth"]}
+    return pd.DataFrame([{"alpha": a, "layer": r, "depth": depth[r], "loss": float(v[0]) / total,
+                          "error": float(v[1]) / total, "agreement": float(v[2]) / total}
+                         for (a, r), v in sums.items()])
+
+
+def _averaged_at(net: nn.Module, layer: str, x, alpha: float, feats_a: dict, feats_b: dict) -> torch.Tensor:
+    """theta_alpha's logits with its output at `layer` replaced by the endpoints' averaged features
+    ('weights': nothing replaced)."""
+    if layer == "weights":
+        return net(x)
+    hook = dict(net.named_modules())[layer].register_forward_hook(
+        _Replace(alpha * feats_a[layer] + (1 - alpha) * feats_b[layer]))
+    try:
+        return net(x)
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
 def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 10) -> pd.DataFrame:
     """Per ReLU layer: principal angles (degrees) between the top-k left singular subspaces of A's and B's
     features (channels x (samples * positions)), from streamed Gram matrices. Columns: layer, depth, k,

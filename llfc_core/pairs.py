@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import cache, data
-from .matching import activation_matching, ste_matching, weight_matching
+from .matching import activation_matching, commutativity_matching, ste_matching, weight_matching
 from .permutation import apply_permutation
 from .profiles import SEEDS, Setting
 from .runtime import default_device
@@ -65,25 +65,40 @@ def train_models(setting: Setting, device=None) -> SettingModels:
     return out
 
 
-def build_pairs(models: SettingModels, device=None) -> dict[str, tuple]:
-    """pair name -> (A, B') for the setting's pairs; permutations are cached by the models' keys."""
+def build_pairs(models: SettingModels, device=None, names: tuple | None = None) -> dict[str, tuple]:
+    """pair name -> (A, B') for the setting's pairs (or those `names`, e.g. 'cm', which no setting lists:
+    chapter 6's commutativity matching); permutations are cached by the models' keys."""
     setting, device = models.setting, device or default_device()
     a, b = models.a, models.others.get("independent")
     spec = a.permutation_spec()
     pairs = {}
-    for pair in setting.pairs:
+    for pair in names or setting.pairs:
         if pair == "spawn":
             pairs[pair] = (a, models.others["spawn"])
         elif pair == "naive":
             pairs[pair] = (a, b)
         else:
-            config = {"a": models.keys["a"], "b": models.keys["independent"], "method": pair,
-                      "calibration": setting.calibration_samples}
-            if pair == "ste":  # only STE's permutation depends on its budget
-                config["ste"] = [setting.ste_epochs, setting.ste_subset]
-            perms = cache.get_or_compute_tensors("perms", config, _Matcher(pair, a, b, spec, setting, device))
-            pairs[pair] = (a, apply_permutation(b, spec, perms))
+            pairs[pair] = (a, apply_permutation(b, spec, pair_perms(models, pair, device)))
     return pairs
+
+
+def perms_config(models: SettingModels, method: str) -> dict:
+    """The cache key of a matching's permutations: the models, the method and the data it learns from."""
+    setting = models.setting
+    config = {"a": models.keys["a"], "b": models.keys["independent"], "method": method,
+              "calibration": setting.calibration_samples}
+    if method == "ste":  # only STE's permutation depends on its budget
+        config["ste"] = [setting.ste_epochs, setting.ste_subset]
+    return config
+
+
+def pair_perms(models: SettingModels, method: str, device=None, computed: dict | None = None) -> dict:
+    """The permutations aligning the independent B to A by `method`, from the cache or computed (or, with
+    `computed`, those just computed elsewhere, stored for the next caller)."""
+    a, b = models.a, models.others["independent"]
+    compute = (lambda: computed) if computed is not None else _Matcher(method, a, b, a.permutation_spec(),
+                                                                      models.setting, device or default_device())
+    return cache.get_or_compute_tensors("perms", perms_config(models, method), compute)
 
 
 @dataclass
@@ -101,9 +116,10 @@ class _Matcher:
         train = dataset_on(setting.recipe.dataset, "train", str(self.device))
         if self.method == "wm":
             return weight_matching(spec, a.state_dict(), b.state_dict()).perms
-        if self.method == "am":
+        if self.method in ("am", "cm"):  # both learn from the same training subset
             subset = train.subset(setting.calibration_samples, SUBSET_SEEDS["activation_matching"])
-            return activation_matching(a, b, spec, data.batches(subset, STATS_BATCH)).perms
+            match = activation_matching if self.method == "am" else commutativity_matching
+            return match(a, b, spec, data.batches(subset, STATS_BATCH)).perms
         if self.method == "ste":
             subset = train.subset(setting.ste_subset, SUBSET_SEEDS["ste"])
             return ste_matching(a, b, spec, _EpochBatches(subset, STE_BATCH), epochs=setting.ste_epochs).perms

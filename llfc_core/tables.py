@@ -5,6 +5,7 @@ the same pass (chapters 2 and 3 share `layer_tables`) compute it once.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -13,11 +14,14 @@ import torch
 
 from . import cache, data
 from .interpolate import interpolation_curve
-from .metrics import (find_taps, layer_metrics, principal_angles, stitching_errors, weight_principal_angles,
-                      weight_spectra)
-from .pairs import SettingModels, build_pairs, calibration, eval_splits, train_models
+from .matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
+from .metrics import (feature_averaging, find_taps, layer_metrics, principal_angles, stitching_errors,
+                      weight_principal_angles, weight_spectra)
+from .pairs import (STATS_BATCH, SUBSET_SEEDS, SettingModels, build_pairs, calibration, eval_splits, pair_perms,
+                    train_models)
 from .permutation import apply_permutation, identity_perms, random_perms
-from .profiles import Setting, setting_hash
+from .profiles import SEEDS, Setting, setting_hash
+from .train import dataset_on, get_or_train
 from .runtime import default_device
 
 LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)
@@ -177,8 +181,178 @@ def angles_table(setting: Setting, device=None) -> pd.DataFrame:
     return appendix_tables(setting, device)[1]
 
 
+# ----------------------------------------------------------------------------- chapter 6 (beyond)
+def _cm_pair(models: SettingModels, device) -> dict:
+    return build_pairs(models, device, names=("cm",))
+
+
+def cm_table(setting: Setting, device=None) -> pd.DataFrame:
+    """Per permutation of the independent B (identity, WM, AM, STE where the setting has them, CM): the
+    commutativity objective CM minimises (`matching.commutativity_objective`, on CM's training subset),
+    and the seconds WM and CM take here (CM's include its statistics pass and its WM start)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    return _pair_frame("cm_cost", models, "cm", partial(_cm_costs, setting, models, device)).drop(columns="pair")
+
+
+def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
+    a, b = models.a, models.others["independent"]
+    spec = a.permutation_spec()
+    batches = list(_cm_batches(setting, device))
+    start = time.perf_counter()
+    wm = weight_matching(spec, a.state_dict(), b.state_dict())
+    wm_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    cm = commutativity_matching(a, b, spec, batches)
+    cm_seconds = time.perf_counter() - start
+    pair_perms(models, "cm", device, computed=cm.perms)  # the CM pair of the other tables uses these
+    moments = commutativity_moments(a, b, spec, batches)
+    perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms, "cm": cm.perms}
+    for pair in ("am", "ste"):
+        if pair in setting.pairs:
+            perms[pair] = pair_perms(models, pair, device)
+    seconds = {"wm": wm_seconds, "cm": cm_seconds}
+    return pd.DataFrame([{"method": m, "objective": commutativity_objective(moments, p),
+                          "seconds": seconds.get(m, float("nan")), "sweeps": cm.sweeps if m == "cm" else None}
+                         for m, p in perms.items()])
+
+
+def _cm_batches(setting: Setting, device):
+    """The training subset CM (and AM) learn from."""
+    train = dataset_on(setting.recipe.dataset, "train", str(device))
+    return data.batches(train.subset(setting.calibration_samples, SUBSET_SEEDS["activation_matching"]), STATS_BATCH)
+
+
+def cm_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
+    """Chapter 1's curves for the CM pair (A, CM(B)), per BatchNorm convention."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    (a, b), = _cm_pair(models, device).values()
+    return pd.concat([_pair_frame("lmc", models, "cm", partial(_curve, setting, a, b, device, c), {"correction": c})
+                      for c in setting.corrections], ignore_index=True)
+
+
+def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
+    """Chapters 2 and 3's per-layer frames for the CM pair (the paper's convention only)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    (a, b), = _cm_pair(models, device).values()
+    layer_pass = _LayerPass(setting, a, b, device, tuple(alphas), setting.corrections[0])
+    extra = {"alphas": list(alphas), "correction": setting.corrections[0]}
+    return {"llfc": _pair_frame("llfc", models, "cm", partial(layer_pass, "llfc"), extra),
+            "conditions": _pair_frame("conditions", models, "cm", partial(layer_pass, "conditions"),
+                                      {"alphas": list(alphas)})}
+
+
+def cm_llfc_table(setting: Setting, device=None) -> pd.DataFrame:
+    return cm_layer_tables(setting, device)["llfc"]
+
+
+def cm_conditions_table(setting: Setting, device=None) -> pd.DataFrame:
+    return cm_layer_tables(setting, device)["conditions"]
+
+
+def averaging_table(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> pd.DataFrame:
+    """Weight averaging against feature averaging (`metrics.feature_averaging`) for every pair and CM,
+    on test data, under the paper's convention: theta_alpha and the ensemble at `alphas`, feature
+    averaging at every ReLU layer at alpha = 0.5 (a forward pass per layer)."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    pairs = {**build_pairs(models, device), **_cm_pair(models, device)}
+    frames = []
+    for pair, (a, b) in pairs.items():
+        measure = partial(feature_averaging, alphas=tuple(alphas), layer_alphas=(0.5,),
+                          correction=setting.corrections[0], calibration=calibration(setting, device))
+        frames.append(_pair_frame("averaging", models, pair, partial(_on_test, measure, setting, a, b, device),
+                                  {"alphas": list(alphas), "layer_alphas": [0.5], "correction": setting.corrections[0]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# Chapter 6's settings by default: the two MLPs and one conv net, ResNet-20, whose spawn pair is LMC at
+# cpu while weight matching is not (the question for CM); smoke keeps to the MLPs (a minute on a CPU).
+BEYOND_SETTINGS = {"smoke": ["mnist-mlp", "cifar10-mlp"], "cpu": ["mnist-mlp", "cifar10-mlp", "cifar10-resnet20"],
+                   "paper": ["mnist-mlp", "cifar10-mlp", "cifar10-resnet20", "cifar10-resnet20x32-ln"]}
+
+# Spawn times studied per recipe (epochs; 0: the children share only the initialisation). A recipe not
+# listed is not part of the study. The paper's spawn epoch is 5 for VGG-16 / ResNet-20.
+SPAWN_STUDY = {"smoke-mlp-mnist": (0, 1), "smoke-resnet20-bn": (0, 1),
+               "cpu-mlp-mnist": (0, 1, 2, 3), "cpu-resnet20-bn": (0, 1, 2, 4),
+               "rebasin-mlp-mnist": (0, 1, 2, 5, 10), "paper-resnet20-bn": (0, 1, 2, 3, 5, 10)}
+
+
+def spawn_epochs(setting: Setting) -> tuple:
+    return tuple(e for e in SPAWN_STUDY.get(setting.recipe.name, ()) if e < setting.recipe.epochs)
+
+
+def spawn_models(setting: Setting, epoch: int, device) -> tuple:
+    """The two children branched at `epoch` (A's and the spawn partner's data seeds), and their keys."""
+    kids = [get_or_train(setting.recipe, SEEDS["init_a"], SEEDS[seed], device=device, spawn_epoch=epoch,
+                         parent_data_seed=SEEDS["parent_data"]) for seed in ("data_a", "data_spawn")]
+    return tuple(m for m, _ in kids), [meta["key"] for _, meta in kids]
+
+
+def spawn_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """Per spawn epoch of the study: the pair's curves ('spawn_lmc') and, at alpha = 0.5, LLFC and the two
+    conditions per layer ('spawn_layers'), under the paper's convention."""
+    device = device or default_device()
+    out = {"spawn_lmc": [], "spawn_layers": []}
+    correction = setting.corrections[0]
+    for epoch in spawn_epochs(setting):
+        (a, b), keys = spawn_models(setting, epoch, device)
+        models = SettingModels(setting, a, {"spawn": b}, {"a": keys[0], "spawn": keys[1]})
+        curve = _pair_frame("lmc", models, "spawn", partial(_curve, setting, a, b, device, correction),
+                            {"correction": correction})
+        layer_pass = _LayerPass(setting, a, b, device, (0.5,), correction)
+        extra = {"alphas": [0.5], "correction": correction}
+        llfc = _pair_frame("llfc", models, "spawn", partial(layer_pass, "llfc"), extra)
+        cond = _pair_frame("conditions", models, "spawn", partial(layer_pass, "conditions"), {"alphas": [0.5]})
+        out["spawn_lmc"].append(curve.assign(spawn_epoch=epoch))
+        out["spawn_layers"].append(_spawn_layers(llfc, cond).assign(spawn_epoch=epoch))
+    return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
+
+
+def _spawn_layers(llfc: pd.DataFrame, cond: pd.DataFrame) -> pd.DataFrame:
+    """One row per feature layer: LLFC there, Dist_sigma of its ReLU, Dist_com of the op feeding it."""
+    keep = ["setting", "pair", "layer", "depth", "cos_dist", "cos_dist_baseline", "scale_c"]
+    sigma = cond[cond.kind == "relu"].set_index("layer").dist_sigma
+    com = cond[cond.kind == "linear"].groupby("depth").dist_com.max()
+    frame = llfc[keep].copy()
+    frame["dist_sigma"] = frame.layer.map(sigma)
+    frame["dist_com"] = frame.depth.map(com)
+    return frame
+
+
+def spawn_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
+    return spawn_tables(setting, device)["spawn_lmc"]
+
+
+def spawn_layers_table(setting: Setting, device=None) -> pd.DataFrame:
+    return spawn_tables(setting, device)["spawn_layers"]
+
+
+def results_hash(table: str, setting: Setting) -> str:
+    """The hash a table's committed rows of one setting are recorded under: the setting's, plus what the
+    table depends on beyond it (the spawn study's epochs)."""
+    if table in ("spawn_lmc", "spawn_layers"):
+        return cache.config_hash({"setting": setting_hash(setting), "spawn_epochs": list(spawn_epochs(setting))})
+    return setting_hash(setting)
+
+
+def table_settings(table: str, settings: dict) -> list[str] | None:
+    """Which of `settings` a table covers: the spawn study's only those in `SPAWN_STUDY`; None: all."""
+    if table in ("spawn_lmc", "spawn_layers"):
+        return [name for name, s in settings.items() if spawn_epochs(s)]
+    return None
+
+
 # Every result table by name, and the tables each chapter reads (in the order it reads them).
 TABLES = {"lmc": lmc_table, "llfc": llfc_table, "conditions": conditions_table, "matching": matching_table,
-          "stitching": stitching_table, "angles": angles_table, "spectra": spectra_table}
+          "stitching": stitching_table, "angles": angles_table, "spectra": spectra_table,
+          "cm": cm_table, "cm_lmc": cm_lmc_table, "cm_llfc": cm_llfc_table, "cm_conditions": cm_conditions_table,
+          "averaging": averaging_table, "spawn_lmc": spawn_lmc_table, "spawn_layers": spawn_layers_table}
 CHAPTER_TABLES = {"01_lmc": ["lmc"], "02_llfc": ["llfc", "lmc"], "03_conditions": ["conditions", "llfc"],
-                  "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"]}
+                  "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"],
+                  "06_beyond": ["cm", "cm_lmc", "cm_llfc", "cm_conditions", "lmc", "llfc", "conditions", "averaging",
+                                "spawn_lmc", "spawn_layers"]}
+# Chapters that default to a subset of a profile's settings: chapter -> profile -> setting names.
+CHAPTER_SETTINGS = {"06_beyond": BEYOND_SETTINGS}

@@ -164,9 +164,10 @@ def _resume(state: TrainState, folder, device) -> TrainState:
 
 # ------------------------------------------------------------------------------------- cached models
 def spawn_point(recipe: Recipe, epoch: int, parent_data_seed: int | None = None) -> dict:
-    """Where a child branches off: after `epoch` epochs of the parent trained with `parent_data_seed`."""
-    if not 0 < epoch < recipe.epochs:
-        raise ValueError(f"spawn epoch must lie in 1..{recipe.epochs - 1}, got {epoch}")
+    """Where a child branches off: after `epoch` epochs of the parent trained with `parent_data_seed`
+    (epoch 0: the children share only the initialisation)."""
+    if not 0 <= epoch < recipe.epochs:
+        raise ValueError(f"spawn epoch must lie in 0..{recipe.epochs - 1}, got {epoch}")
     return {"epoch": epoch, "parent_data_seed": parent_data_seed if parent_data_seed is not None else 0}
 
 

@@ -206,3 +206,55 @@ def test_ste_must_beat_wm_at_the_midpoint():
                              for p, l in (("wm", 0.10), ("ste", ste_loss))])
     assert verdict(claims.ste_midpoint(curve(0.05), "cpu"), "lmc.ste_midpoint")
     assert not verdict(claims.ste_midpoint(curve(0.095), "cpu"), "lmc.ste_midpoint")  # lower, not clearly
+
+
+# ------------------------------------------------------------------------------------------ chapter 6
+def cm_frames(cm_barrier=0.01, cm_com=0.1, wm_com=0.2):
+    lmc = pd.DataFrame([{"setting": "mnist-mlp", "pair": pair, "correction": "none", "split": split, "alpha": a,
+                         "loss": 0.0, "error": (barrier if a == 0.5 else 0.0)}
+                        for pair, barrier in (("wm", 0.005), ("am", 0.02), ("cm", cm_barrier))
+                        for split in ("train", "test") for a in (0.0, 0.5, 1.0)])
+    cond = pd.DataFrame([{"setting": "mnist-mlp", "pair": pair, "alpha": 0.5, "kind": "linear", "layer": f"fc{i}",
+                          "dist_h": 1.0, "dist_com": com}
+                         for pair, com in (("wm", wm_com), ("am", 0.3), ("cm", cm_com)) for i in range(3)])
+    return lmc, cond
+
+
+def test_cm_claims_pass_and_fail():
+    rows = claims.cm_claims(*cm_frames(), "cpu")
+    assert verdict(rows, "cm.com_lower") and verdict(rows, "cm.lmc", split="test")
+    assert not verdict(claims.cm_claims(*cm_frames(cm_com=0.25), "cpu"), "cm.com_lower")
+    assert not verdict(claims.cm_claims(*cm_frames(cm_barrier=0.03), "cpu"), "cm.lmc", split="train")
+
+
+def averaging_frame(lmc_change=0.0, naive_ensemble=0.3):
+    rows = []
+    for pair, change in (("wm", lmc_change), ("naive", None)):
+        for alpha in ALPHAS:
+            rows.append({"setting": "mnist-mlp", "pair": pair, "alpha": alpha, "layer": "weights", "error": 0.1})
+            for layer in ("relu1", "relu2", "logits"):
+                err = 0.1 + change if pair == "wm" else (0.1 - naive_ensemble if layer == "logits" else 0.1)
+                rows.append({"setting": "mnist-mlp", "pair": pair, "alpha": alpha, "layer": layer, "error": err})
+    return pd.DataFrame(rows)
+
+
+def test_averaging_claims_pass_and_fail():
+    rows = claims.averaging_claims(averaging_frame(), "cpu")
+    assert verdict(rows, "average.interchangeable", pair="wm") and verdict(rows, "average.naive_parts")
+    assert not verdict(claims.averaging_claims(averaging_frame(lmc_change=0.05), "cpu"), "average.interchangeable")
+    assert not verdict(claims.averaging_claims(averaging_frame(naive_ensemble=0.01), "cpu"), "average.naive_parts")
+
+
+def spawn_frames(llfc_from=1, lmc_from=1):
+    curve = pd.DataFrame([{"setting": "mnist-mlp", "pair": "spawn", "correction": "none", "split": "test",
+                           "spawn_epoch": k, "alpha": a, "loss": 0.0, "error": (0.2 if k < lmc_from else 0.0) if a == 0.5 else 0.0}
+                          for k in (0, 1, 2) for a in (0.0, 0.5, 1.0)])
+    layers = pd.DataFrame([{"setting": "mnist-mlp", "spawn_epoch": k, "layer": l, "cos_dist": 0.3 if k < llfc_from else 0.01}
+                           for k in (0, 1, 2) for l in LAYERS])
+    return curve, layers
+
+
+def test_spawn_claim_passes_when_llfc_and_lmc_arrive_together_and_fails_otherwise():
+    assert verdict(claims.spawn_claims(*spawn_frames(), "cpu"), "spawn.together")
+    assert not verdict(claims.spawn_claims(*spawn_frames(llfc_from=2), "cpu"), "spawn.together")
+    assert not verdict(claims.spawn_claims(*spawn_frames(lmc_from=3), "cpu"), "spawn.together")

@@ -194,3 +194,35 @@ def test_weight_principal_angles_see_permutations_and_unrelated_weights():
     torch.manual_seed(1)
     other = build_model({"arch": "mlp", "in_features": 784, "widths": [32, 32], "num_classes": 10})
     assert weight_principal_angles(a, other, k=5).set_index("layer").loc["fc2", "mean_angle"] > 10
+
+
+def test_feature_averaging_equals_weight_averaging_when_theorem1_holds_exactly():
+    """Both conditions hold exactly, so LLFC holds with c = 1 in every layer: averaging the features at any
+    layer (or the logits) gives theta_alpha's own predictions, sample by sample."""
+    from llfc_core.metrics import feature_averaging
+
+    a, b = conditions_pair()
+    x, y = torch.randn(256, 6), torch.randint(0, 3, (256,))
+    frame = feature_averaging(a, b, [(x[:128], y[:128]), (x[128:], y[128:])], alphas=(0.25, 0.5), layer_alphas=(0.5,))
+    assert set(frame.layer) == {"weights", "relu1", LOGITS} and len(frame) == 5
+    half = frame[frame.alpha == 0.5].set_index("layer")
+    assert half.error.nunique() == 1 and (half.agreement == 1.0).all()
+    assert half.loss.max() - half.loss.min() < 1e-6
+
+
+def test_feature_averaging_ensemble_row_is_the_hand_computed_ensemble():
+    from llfc_core.metrics import feature_averaging
+
+    torch.manual_seed(0)
+    config = {"arch": "mlp", "in_features": 20, "widths": [32, 32], "num_classes": 5}
+    a, b = build_model(config), build_model(config)
+    x, y = torch.randn(200, 20), torch.randint(0, 5, (200,))
+    frame = feature_averaging(a, b, [(x, y)], alphas=(0.3,), layer_alphas=())
+    with torch.no_grad():
+        ensemble = 0.3 * a(x) + 0.7 * b(x)
+        theta = interpolate(a, b, 0.3)(x)
+    rows = frame.set_index("layer")
+    assert rows.loc[LOGITS, "error"] == pytest.approx((ensemble.argmax(1) != y).float().mean().item())
+    assert rows.loc["weights", "error"] == pytest.approx((theta.argmax(1) != y).float().mean().item())
+    assert rows.loc["weights", "agreement"] == pytest.approx((theta.argmax(1) == ensemble.argmax(1)).float().mean().item())
+    assert rows.loc["weights", "agreement"] < 1.0  # unrelated nets: weight averaging is not the ensemble

@@ -133,3 +133,10 @@ def test_cpu_recipe_reaches_97_percent_on_mnist(cache_dir):
     minutes = (time.time() - start) / 60
     print(f"cpu-mlp-mnist: test error {meta['test']['error']:.4f} in {minutes:.2f} min")
     assert meta["test"]["error"] <= 0.03
+
+
+def test_a_child_spawned_at_epoch_0_is_a_straight_run(cache_dir):
+    """Spawning at epoch 0 shares only the initialisation: the child is the run with its own data seed."""
+    child, _ = get_or_train(TINY, 0, 5, spawn_epoch=0, device="cpu")
+    straight, _ = get_or_train(TINY, 0, 5, device="cpu")
+    assert states_equal(child, straight)
