@@ -128,12 +128,6 @@ DEVIATIONS: dict[str, dict[tuple, str]] = {"paper": {}, "smoke": {}, "cpu": {
     ("lemma1.premise", "cifar10-mlp", "am"): _CIFAR_MLP + (
         "The logits' cos_dist is 0.062, above the premise's level, so Lemma 1 does not apply; the naive "
         "pair's is 0.61."),
-    ("llfc.scale_c", "cifar10-vgg16", "spawn"): (
-        "With bn_reset, c falls with depth from 1.01 (relu1) to 0.73 (relu13 and the logits): recomputing "
-        "BatchNorm statistics gives every channel of theta_alpha the variance of a trained network again, "
-        "while the average of two imperfectly correlated features has less, so the interpolated network's "
-        "features are the larger ones (c < 1), more so with depth. The spawned ResNet-20, whose residual "
-        "stream carries the identity, stays within 0.89-1.03."),
     ("stitch.lmc", "cifar10-mlp", "wm"): _CIFAR_MLP + (
         "Feeding A's relu1 features into pi(B) gives 54 % test error against 43 % at the endpoints: the "
         "matched first layers are close (cos_dist 0.024) but not interchangeable in a pair that is not LMC "

@@ -423,7 +423,8 @@ def commutativity_objective(moments: list[_OpMoments], perms: dict) -> float:
 def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, init: dict | None = None,
                            max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2, seed: int = 0) -> MatchResult:
     """Commutativity matching (CM): a descent on sum_op ||R_op||^2 / (||W_A H_A|| ||W_B H_B||) over the
-    permutations, from `init` (default: weight matching's).
+    permutations, from `init`; by default from whichever of weight matching's and activation matching's
+    (on the same batches) has the lower objective, so CM ends at or below both.
 
     Each step takes one permutation p, the others fixed. p is the output permutation of some ops, where
     ||R||^2 is exactly linear in it (a linear assignment), and the input permutation of others, where
@@ -434,10 +435,15 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
     the objective never increases; sweeps stop when one lowers it by less than `rtol` (1 %).
     `objective`: the value after each sweep (the first entry is the start's).
     """
+    batches = list(batches)
     moments = commutativity_moments(model_a, model_b, spec, batches)
     sizes = spec.sizes(model_a.state_dict())
-    perms = {p: v.clone() for p, v in (init or weight_matching(spec, model_a.state_dict(),
-                                                                model_b.state_dict(), seed=seed).perms).items()}
+    if init is None:
+        starts = [weight_matching(spec, model_a.state_dict(), model_b.state_dict(), seed=seed).perms]
+        if spec.activations:
+            starts.append(activation_matching(model_a, model_b, spec, batches).perms)
+        init = min(starts, key=lambda start: commutativity_objective(moments, start))
+    perms = {p: v.clone() for p, v in init.items()}
     history = [commutativity_objective(moments, perms)]
     rng = np.random.default_rng(seed)
     names = sorted(p for p in sizes if any(p in (m.p_out, m.p_in) for m in moments))

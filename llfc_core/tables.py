@@ -189,7 +189,7 @@ def _cm_pair(models: SettingModels, device) -> dict:
 def cm_table(setting: Setting, device=None) -> pd.DataFrame:
     """Per permutation of the independent B (identity, WM, AM, STE where the setting has them, CM): the
     commutativity objective CM minimises (`matching.commutativity_objective`, on CM's training subset),
-    and the seconds WM and CM take here (CM's include its statistics pass and its WM start)."""
+    and the seconds WM and CM take here (CM's include its statistics pass and its WM and AM starts)."""
     device = device or default_device()
     models = train_models(setting, device)
     return _pair_frame("cm_cost", models, "cm", partial(_cm_costs, setting, models, device)).drop(columns="pair")
@@ -208,8 +208,8 @@ def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
     pair_perms(models, "cm", device, computed=cm.perms)  # the CM pair of the other tables uses these
     moments = commutativity_moments(a, b, spec, batches)
     perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms, "cm": cm.perms}
-    for pair in ("am", "ste"):
-        if pair in setting.pairs:
+    for pair in ("am", "ste"):  # AM for every setting (cheap, and CM's other start); STE where it is run
+        if pair == "am" or pair in setting.pairs:
             perms[pair] = pair_perms(models, pair, device)
     seconds = {"wm": wm_seconds, "cm": cm_seconds}
     return pd.DataFrame([{"method": m, "objective": commutativity_objective(moments, p),
