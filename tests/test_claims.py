@@ -197,7 +197,7 @@ def test_committed_explanations_name_real_claims():
     for profile, deviations in claims.DEVIATIONS.items():
         for claim_id, setting, pair in deviations:
             assert claim_id in claims.CLAIMS, claim_id
-            assert pair in claims.LMC_PAIRS.get(setting, ()) + ("naive", "wm", "am", "ste", "wm/am"), (setting, pair)
+            assert pair in claims.LMC_PAIRS.get(setting, ()) + ("naive", "wm", "am", "ste", "cm", "wm/am"), (setting, pair)
 
 
 def test_ste_must_beat_wm_at_the_midpoint():
