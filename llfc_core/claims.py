@@ -395,21 +395,27 @@ def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
     return rows
 
 
+def spawn_barriers(spawn_lmc: pd.DataFrame) -> pd.DataFrame:
+    """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `CONVENTION`."""
+    from .interpolate import barriers
+
+    by_epoch = checked(spawn_lmc).drop(columns="pair").rename(columns={"spawn_epoch": "pair"})
+    return barriers(by_epoch).rename(columns={"pair": "spawn_epoch"})
+
+
 def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
     """The first spawn epoch with a test error barrier within the tolerance must be the first at which
     LLFC (the level, at alpha = 0.5) holds in the layer share. (None of the epochs counts as one more
     epoch than the last studied.)"""
-    from .interpolate import barriers
-
     rows = []
     tol, level, share = tolerance("barrier", profile), tolerance("llfc_level", profile), tolerance("layer_share", profile)
-    bar = barriers(checked(spawn_lmc).drop(columns="pair").rename(columns={"spawn_epoch": "pair"}))
+    bar = spawn_barriers(spawn_lmc)
     bar = bar[bar.split == "test"]
     for setting, g in spawn_layers.groupby("setting", sort=False):
         epochs = sorted(g.spawn_epoch.unique())
         never = max(epochs) + 1
         held = g.assign(ok=g.cos_dist <= level).groupby("spawn_epoch").ok.mean()
-        b = bar[bar.setting == setting].set_index("pair").error_barrier
+        b = bar[bar.setting == setting].set_index("spawn_epoch").error_barrier
         lmc_at = next((e for e in epochs if b.get(e, float("inf")) <= tol), never)
         llfc_at = next((e for e in epochs if held.get(e, 0.0) >= share), never)
         rows.append(_row("spawn.together", setting, "spawn", llfc_at - lmc_at, 0, llfc_at == lmc_at,

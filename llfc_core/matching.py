@@ -316,20 +316,22 @@ class _OpMoments:
         k = self.taps
         return (perm.to(self.wa.device)[:, None] * k + torch.arange(k, device=self.wa.device)).reshape(-1)
 
+    def dd(self, idx: torch.Tensor) -> torch.Tensor:
+        """E[D D^T] for D = H_A - P' H_B, with P' given as a patch index."""
+        return self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
+
     def residual(self, perms: dict) -> torch.Tensor:
         """||R||^2 / n for the given permutations, exactly (float64)."""
         idx = self.patch_index(perms.get(self.p_in))
         out = perms[self.p_out].to(self.wa.device) if self.p_out else slice(None)
-        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
         dw = self.wa - self.wb[out][:, idx]
-        return ((dw @ dd) * dw).sum()
+        return ((dw @ self.dd(idx)) * dw).sum()
 
     def out_cost(self, perms: dict) -> torch.Tensor:
         """||R||^2 is linear in P on permutation matrices: ||R||^2 = const - 2 sum_i C[i, perm[i]] with
         C = W_A (D D^T) (W_B P'^T)^T; this returns C."""
         idx = self.patch_index(perms.get(self.p_in))
-        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
-        return self.wa @ dd @ self.wb[:, idx].T
+        return self.wa @ self.dd(idx) @ self.wb[:, idx].T
 
     def in_gradient(self, perms: dict) -> torch.Tensor:
         """The gradient of ||R||^2 with respect to P' (as a relaxed permutation matrix, at the current one).
@@ -340,9 +342,8 @@ class _OpMoments:
         keeps a factor of E (out x patch), so the cost is (patch)^2 x out, never (patch)^3."""
         idx = self.patch_index(perms[self.p_in])
         v = self.wb[perms[self.p_out].to(self.wb.device)] if self.p_out else self.wb
-        dd = self.aa - self.ab[:, idx] - self.ab[:, idx].T + self.bb[idx][:, idx]
         e = self.wa - v[:, idx]
-        grad = -2 * (dd @ e.T) @ v + 2 * e.T @ (e @ (self.bb[idx] - self.ab))
+        grad = -2 * (self.dd(idx) @ e.T) @ v + 2 * e.T @ (e @ (self.bb[idx] - self.ab))
         n, k = len(perms[self.p_in]), self.taps
         return grad.reshape(n, k, n, k).diagonal(dim1=1, dim2=3).sum(-1)
 
@@ -421,7 +422,8 @@ def commutativity_objective(moments: list[_OpMoments], perms: dict) -> float:
 
 
 def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, init: dict | None = None,
-                           max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2, seed: int = 0) -> MatchResult:
+                           moments: list | None = None, max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2,
+                           seed: int = 0) -> MatchResult:
     """Commutativity matching (CM): a descent on sum_op ||R_op||^2 / (||W_A H_A|| ||W_B H_B||) over the
     permutations, from `init`; by default from whichever of weight matching's and activation matching's
     (on the same batches) has the lower objective, so CM ends at or below both.
@@ -433,10 +435,11 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
     in which the vertex differs from the current permutation one by one (most promising first, at most
     `max_cycles`), then the best single swaps. A move is kept only if it lowers the exact objective, so
     the objective never increases; sweeps stop when one lowers it by less than `rtol` (1 %).
-    `objective`: the value after each sweep (the first entry is the start's).
+    `objective`: the value after each sweep (the first entry is the start's). `moments`: those of
+    `commutativity_moments` on these batches, when the caller has them (saves the pass).
     """
     batches = list(batches)
-    moments = commutativity_moments(model_a, model_b, spec, batches)
+    moments = moments or commutativity_moments(model_a, model_b, spec, batches)
     sizes = spec.sizes(model_a.state_dict())
     if init is None:
         starts = [weight_matching(spec, model_a.state_dict(), model_b.state_dict(), seed=seed).perms]
@@ -460,8 +463,8 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
     return MatchResult({p: v.cpu() for p, v in perms.items()}, history, sweep)
 
 
-def _cm_step(moments: list[_OpMoments], perms: dict, p: str, max_cycles: int) -> bool:
-    """One coordinate step on permutation p (see `commutativity_matching`); True if p changed."""
+def _cm_step(moments: list[_OpMoments], perms: dict, p: str, max_cycles: int) -> None:
+    """One coordinate step on permutation p (see `commutativity_matching`), in place."""
     rows = torch.arange(len(perms[p]))
     outs = [m for m in moments if m.p_out == p and m.p_in != p]   # ||R||^2 linear in p: exact from C
     ins = [m for m in moments if m.p_in == p]                    # quadratic in p: recomputed
@@ -502,7 +505,6 @@ def _cm_step(moments: list[_OpMoments], perms: dict, p: str, max_cycles: int) ->
             new = value(candidate)
             if new < before - tol:
                 perms[p], before, moved = candidate, new, True
-    return moved
 
 
 def _best_swaps(current: torch.Tensor, gain: torch.Tensor, k: int) -> list[tuple[int, int]]:

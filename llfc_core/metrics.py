@@ -387,6 +387,7 @@ def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas
     relus = taps["relus"]
     every = sorted(set(alphas) | set(layer_alphas))
     nets = {a: corrected_interpolation(model_a, model_b, a, correction, calibration).eval() for a in every}
+    modules = {a: dict(net.named_modules()) for a, net in nets.items()}
     rows = {a: (["weights", LOGITS] if a in alphas else []) + (relus if a in layer_alphas else []) for a in every}
     sums = {(a, r): torch.zeros(3, dtype=torch.float64) for a in every for r in rows[a]}  # loss, wrong, agree
     total = 0
@@ -397,7 +398,8 @@ def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas
             total += len(y)
             for a, net in nets.items():
                 ensemble = a * logits_a + (1 - a) * logits_b
-                outputs = {r: _averaged_at(net, r, x, a, rec_a.post, rec_b.post) for r in rows[a] if r != LOGITS}
+                outputs = {r: _averaged_at(net, None if r == "weights" else modules[a][r], x, a,
+                                           rec_a.post.get(r), rec_b.post.get(r)) for r in rows[a] if r != LOGITS}
                 outputs[LOGITS] = ensemble
                 target = ensemble.argmax(1)
                 for r in rows[a]:
@@ -413,13 +415,12 @@ def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas
                          for (a, r), v in sums.items()])
 
 
-def _averaged_at(net: nn.Module, layer: str, x, alpha: float, feats_a: dict, feats_b: dict) -> torch.Tensor:
-    """theta_alpha's logits with its output at `layer` replaced by the endpoints' averaged features
-    ('weights': nothing replaced)."""
-    if layer == "weights":
+def _averaged_at(net: nn.Module, module: nn.Module | None, x, alpha: float, feat_a, feat_b) -> torch.Tensor:
+    """theta_alpha's logits with `module`'s output replaced by the endpoints' averaged features there
+    (None: nothing replaced, theta_alpha itself)."""
+    if module is None:
         return net(x)
-    hook = dict(net.named_modules())[layer].register_forward_hook(
-        _Replace(alpha * feats_a[layer] + (1 - alpha) * feats_b[layer]))
+    hook = module.register_forward_hook(_Replace(alpha * feat_a + (1 - alpha) * feat_b))
     try:
         return net(x)
     finally:

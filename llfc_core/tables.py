@@ -44,11 +44,12 @@ def lmc_table(setting: Setting, device=None) -> pd.DataFrame:
     """Loss and error along alpha on train and test for every pair and BatchNorm convention (chapter 1)."""
     device = device or default_device()
     models = train_models(setting, device)
-    frames = []
-    for pair, (a, b) in build_pairs(models, device).items():
-        for correction in setting.corrections:
-            curve = partial(_curve, setting, a, b, device, correction)
-            frames.append(_pair_frame("lmc", models, pair, curve, {"correction": correction}))
+    return _lmc_frames(setting, models, build_pairs(models, device), device, setting.corrections)
+
+
+def _lmc_frames(setting: Setting, models: SettingModels, pairs: dict, device, corrections) -> pd.DataFrame:
+    frames = [_pair_frame("lmc", models, pair, partial(_curve, setting, a, b, device, c), {"correction": c})
+              for pair, (a, b) in pairs.items() for c in corrections]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -83,9 +84,13 @@ def layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str
     so they do not depend on how theta_alpha is corrected: they come from the first convention's pass."""
     device = device or default_device()
     models = train_models(setting, device)
+    return _layer_frames(setting, models, build_pairs(models, device), device, alphas, setting.corrections)
+
+
+def _layer_frames(setting: Setting, models: SettingModels, pairs: dict, device, alphas, corrections) -> dict:
     out = {"llfc": [], "conditions": []}
-    for pair, (a, b) in build_pairs(models, device).items():
-        for i, correction in enumerate(setting.corrections):
+    for pair, (a, b) in pairs.items():
+        for i, correction in enumerate(corrections):
             layer_pass = _LayerPass(setting, a, b, device, tuple(alphas), correction)
             extra = {"alphas": list(alphas), "correction": correction}
             out["llfc"].append(_pair_frame("llfc", models, pair, partial(layer_pass, "llfc"), extra))
@@ -203,10 +208,10 @@ def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
     wm = weight_matching(spec, a.state_dict(), b.state_dict())
     wm_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    cm = commutativity_matching(a, b, spec, batches)
+    moments = commutativity_moments(a, b, spec, batches)  # timed with CM: they are its statistics pass
+    cm = commutativity_matching(a, b, spec, batches, moments=moments)
     cm_seconds = time.perf_counter() - start
     pair_perms(models, "cm", device, computed=cm.perms)  # the CM pair of the other tables uses these
-    moments = commutativity_moments(a, b, spec, batches)
     perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms, "cm": cm.perms}
     for pair in ("am", "ste"):  # AM for every setting (cheap, and CM's other start); STE where it is run
         if pair == "am" or pair in setting.pairs:
@@ -227,21 +232,14 @@ def cm_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
     """Chapter 1's curves for the CM pair (A, CM(B)), per BatchNorm convention."""
     device = device or default_device()
     models = train_models(setting, device)
-    (a, b), = _cm_pair(models, device).values()
-    return pd.concat([_pair_frame("lmc", models, "cm", partial(_curve, setting, a, b, device, c), {"correction": c})
-                      for c in setting.corrections], ignore_index=True)
+    return _lmc_frames(setting, models, _cm_pair(models, device), device, setting.corrections)
 
 
 def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
     """Chapters 2 and 3's per-layer frames for the CM pair (the paper's convention only)."""
     device = device or default_device()
     models = train_models(setting, device)
-    (a, b), = _cm_pair(models, device).values()
-    layer_pass = _LayerPass(setting, a, b, device, tuple(alphas), setting.corrections[0])
-    extra = {"alphas": list(alphas), "correction": setting.corrections[0]}
-    return {"llfc": _pair_frame("llfc", models, "cm", partial(layer_pass, "llfc"), extra),
-            "conditions": _pair_frame("conditions", models, "cm", partial(layer_pass, "conditions"),
-                                      {"alphas": list(alphas)})}
+    return _layer_frames(setting, models, _cm_pair(models, device), device, alphas, setting.corrections[:1])
 
 
 def cm_llfc_table(setting: Setting, device=None) -> pd.DataFrame:
@@ -297,18 +295,13 @@ def spawn_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
     conditions per layer ('spawn_layers'), under the paper's convention."""
     device = device or default_device()
     out = {"spawn_lmc": [], "spawn_layers": []}
-    correction = setting.corrections[0]
+    paper = setting.corrections[:1]
     for epoch in spawn_epochs(setting):
         (a, b), keys = spawn_models(setting, epoch, device)
         models = SettingModels(setting, a, {"spawn": b}, {"a": keys[0], "spawn": keys[1]})
-        curve = _pair_frame("lmc", models, "spawn", partial(_curve, setting, a, b, device, correction),
-                            {"correction": correction})
-        layer_pass = _LayerPass(setting, a, b, device, (0.5,), correction)
-        extra = {"alphas": [0.5], "correction": correction}
-        llfc = _pair_frame("llfc", models, "spawn", partial(layer_pass, "llfc"), extra)
-        cond = _pair_frame("conditions", models, "spawn", partial(layer_pass, "conditions"), {"alphas": [0.5]})
-        out["spawn_lmc"].append(curve.assign(spawn_epoch=epoch))
-        out["spawn_layers"].append(_spawn_layers(llfc, cond).assign(spawn_epoch=epoch))
+        layers = _layer_frames(setting, models, {"spawn": (a, b)}, device, (0.5,), paper)
+        out["spawn_lmc"].append(_lmc_frames(setting, models, {"spawn": (a, b)}, device, paper).assign(spawn_epoch=epoch))
+        out["spawn_layers"].append(_spawn_layers(layers["llfc"], layers["conditions"]).assign(spawn_epoch=epoch))
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
 
@@ -331,17 +324,20 @@ def spawn_layers_table(setting: Setting, device=None) -> pd.DataFrame:
     return spawn_tables(setting, device)["spawn_layers"]
 
 
+SPAWN_TABLES = ("spawn_lmc", "spawn_layers")
+
+
 def results_hash(table: str, setting: Setting) -> str:
     """The hash a table's committed rows of one setting are recorded under: the setting's, plus what the
     table depends on beyond it (the spawn study's epochs)."""
-    if table in ("spawn_lmc", "spawn_layers"):
+    if table in SPAWN_TABLES:
         return cache.config_hash({"setting": setting_hash(setting), "spawn_epochs": list(spawn_epochs(setting))})
     return setting_hash(setting)
 
 
 def table_settings(table: str, settings: dict) -> list[str] | None:
     """Which of `settings` a table covers: the spawn study's only those in `SPAWN_STUDY`; None: all."""
-    if table in ("spawn_lmc", "spawn_layers"):
+    if table in SPAWN_TABLES:
         return [name for name, s in settings.items() if spawn_epochs(s)]
     return None
 
