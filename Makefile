@@ -22,6 +22,8 @@ book: setup
 	@echo "book: open _build/html/index.html"
 
 test: setup
+	@# the sweep extra (Ray) too: a test runs chapter 5's sweep on a local Ray
+	$(PYTHON) -m pip install -q -e ".[book,test,sweep]"
 	LLFC_THREADS=1 $(PYTHON) -m pytest -q -rs
 
 clean:

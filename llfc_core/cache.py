@@ -123,3 +123,24 @@ def get_or_compute_frame(kind: str, config: dict, compute, root: Path | None = N
     frame = compute()
     write_entry(folder, {}, {"config": config}, texts={"table.csv": frame.to_csv(index=False)})
     return frame
+
+
+def read_frames(kind: str, config: dict, root: Path | None = None) -> dict | None:
+    """The named frames cached under config (`write_frames`), or None when there is no entry."""
+    import pandas as pd
+
+    folder = entry_dir(kind, config_hash(config), root)
+    if not has_entry(folder):
+        return None
+    try:
+        names = json.loads((folder / "meta.json").read_text())["frames"]
+        return {name: pd.read_csv(folder / f"{name}.csv") for name in names}
+    except (OSError, ValueError, KeyError) as e:
+        raise CacheError(f"cache entry {folder} is unreadable ({type(e).__name__}: {e}); "
+                         f"delete that folder and it will be recomputed.") from e
+
+
+def write_frames(kind: str, config: dict, frames: dict, root: Path | None = None) -> None:
+    """Cache several named frames (CSV) under one config, atomically."""
+    write_entry(entry_dir(kind, config_hash(config), root), {}, {"config": config, "frames": list(frames)},
+                texts={f"{name}.csv": frame.to_csv(index=False) for name, frame in frames.items()})

@@ -14,6 +14,7 @@ import pandas as pd
 from . import claims, profiles, results
 from .pairs import provenance
 from .runtime import configure_threads, default_device
+from .width import Sweep, get_sweeps
 
 
 class ClaimFailed(AssertionError):
@@ -38,9 +39,13 @@ class Chapter:
         configuration is unchanged, else `compute(setting)`."""
         from .tables import results_hash
 
-        hashes = {name: results_hash(table, s) for name, s in self.settings.items() if settings is None or name in settings}
+        chosen = {name: s for name, s in self.settings.items() if settings is None or name in settings}
+        # a sweep (chapter 5) says itself what its rows depend on; a setting's table says it for it
+        hashes = {name: s.results_hash() if isinstance(s, Sweep) else results_hash(table, s) for name, s in chosen.items()}
+        describe = lambda name: self.settings[name].provenance() if isinstance(self.settings[name], Sweep) \
+            else provenance(self.settings[name])
         frame = results.load_or_compute(self.profile, table, hashes, lambda name: compute(self.settings[name]),
-                                        lambda name: provenance(self.settings[name]), recompute=self.recompute)
+                                        describe, recompute=self.recompute)
         self.computed |= bool(frame.attrs.get("computed"))
         if table not in self.tables:
             self.tables.append(table)
@@ -111,10 +116,15 @@ def start(name: str, profile: str | None = None, setting_names: list | str | Non
     `setting_names`: a subset of the profile's settings (default: the chapter's, else all of them)."""
     configure_threads(threads)
     profile = profile or os.environ.get("LLFC_PROFILE") or profiles.default_profile()
-    if setting_names is None:  # some chapters cover a subset by default (tables.CHAPTER_SETTINGS)
-        from .tables import CHAPTER_SETTINGS
+    from .tables import CHAPTER_SETTINGS, SWEEP_CHAPTERS
 
-        setting_names = CHAPTER_SETTINGS.get(name, {}).get(profile)
-    chosen = profiles.get_settings(profile, setting_names, **overrides)
+    if name in SWEEP_CHAPTERS:  # chapter 5's "settings" are its sweeps
+        if overrides:
+            raise ValueError(f"chapter {name} runs sweeps; setting overrides {sorted(overrides)} do not apply")
+        chosen = get_sweeps(profile, setting_names)
+    else:
+        if setting_names is None:  # some chapters cover a subset by default (tables.CHAPTER_SETTINGS)
+            setting_names = CHAPTER_SETTINGS.get(name, {}).get(profile)
+        chosen = profiles.get_settings(profile, setting_names, **overrides)
     print(f"chapter {name}: profile {profile!r}, device {default_device()}, settings {list(chosen)}")
     return Chapter(name, profile, chosen, recompute or os.environ.get("LLFC_RECOMPUTE") == "1")

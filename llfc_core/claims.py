@@ -46,6 +46,10 @@ TOLERANCES = {
     "ste_gain": 0.1,           # STE's midpoint train loss at least this fraction below WM's ("clearly")
     "cm_margin": 0.01,         # CM's error barrier at most this above the better of WM and AM
     "average_gap": 0.02,       # feature vs weight averaging: error difference counted as "the same"
+    # Chapter 5. A barrier "falls with width" when its log-log slope is at most this (over 16 -> 2048, a
+    # slope of -0.1 is a 1.6x drop: more than seed noise, far less than Ferbach et al.'s bounds allow).
+    "width_slope": -0.1,
+    "rank_corr": 0.5,          # a Spearman correlation counted as "follows"
 }
 
 
@@ -81,6 +85,11 @@ CLAIMS = {c.id: c for c in [
     Claim("average.interchangeable", "for an LMC pair, averaging features at any layer and continuing with theta_alpha errs like theta_alpha itself", "Zhou et al. future work (feature averaging), Ch. 6"),
     Claim("average.naive_parts", "for the naive pair, the logit ensemble and theta_alpha part: their errors differ by more than the gap", "Ch. 6"),
     Claim("spawn.together", "LLFC and LMC appear at the same spawn epoch", "Zhou et al. Lemma 1 with Frankle et al., Ch. 6"),
+    Claim("width.barrier_falls", "the barrier of a matched pair falls with width (log-log slope at most the tolerance)", "Ferbach et al. 2024, Thm. 3.1 and Sec. 5"),
+    Claim("width.matching_needed", "at the largest width, the naive pair's error barrier exceeds the matched pair's by the margin", "Ferbach et al. 2024, Sec. 3 (LMC modulo permutation)"),
+    Claim("width.sigma_wm", "covariance-weighted WM leaves a smaller loss barrier than plain WM (mean over the sweep)", "Ferbach et al. 2024, Sec. 5"),
+    Claim("width.dimension_barrier", "across learning rates, the neuron cloud's dimension and the barrier rise together (Spearman)", "Ferbach et al. 2024, Sec. 5"),
+    Claim("width.llfc_follows_lmc", "across widths and methods, LLFC's worst layer follows the barrier (Spearman)", "Zhou et al. Sec. 4 (LMC implies LLFC), this book Ch. 5"),
     Claim("match.alignment_dominates", "most of the drop in Dist_com comes from how the two difference matrices line up, not from either gap", "this book, Ch. 4"),
 ]}
 
@@ -421,6 +430,46 @@ def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: s
         rows.append(_row("spawn.together", setting, "spawn", llfc_at - lmc_at, 0, llfc_at == lmc_at,
                          f"first LMC epoch {lmc_at if lmc_at != never else 'none'}, first LLFC epoch "
                          f"{llfc_at if llfc_at != never else 'none'} (of {[int(e) for e in epochs]})"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- chapter 5
+def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, profile: str) -> list[dict]:
+    """`lmc` / `layers` / `dims`: chapter 5's width_lmc / width_layers / width_dims tables (all test data).
+    Width claims need a sweep with at least 3 widths, the dimension claim one with at least 3 rates."""
+    from .width import MATCHED, fit_slopes, hidden_dimension, max_layer
+
+    rows = []
+    test = lmc[lmc.split == "test"]
+    slope_tol, margin, corr = tolerance("width_slope", profile), tolerance("naive_margin", profile), tolerance("rank_corr", profile)
+    for setting, g in test.groupby("setting", sort=False):
+        if g.width.nunique() >= 3:
+            for _, r in fit_slopes(g[g.method.isin(MATCHED)], "loss_barrier", ["depth", "method"]).iterrows():
+                rows.append(_row("width.barrier_falls", setting, r.method, r.slope, slope_tol, r.slope <= slope_tol,
+                                 f"test loss barrier {r.loss_barrier_first:.3f} -> {r.loss_barrier_last:.3f} "
+                                 f"over {r.points} widths: slope {r.slope:+.2f}"))
+            widest = g[g.width == g.width.max()].groupby("method").error_barrier.mean()
+            for method in (m for m in MATCHED if m in widest.index and "naive" in widest.index):
+                gap = widest["naive"] - widest[method]
+                rows.append(_row("width.matching_needed", setting, method, gap, margin, gap >= margin,
+                                 f"width {g.width.max()}: naive {widest['naive']:.2%} vs {method} {widest[method]:.2%}"))
+        means = g.groupby("method").loss_barrier.mean()
+        if {"wm", "swm"} <= set(means.index):
+            ratio = means["swm"] / max(means["wm"], 1e-12)
+            rows.append(_row("width.sigma_wm", setting, "swm", ratio, 1.0, ratio <= 1.0,
+                             f"mean test loss barrier Sigma-WM {means['swm']:.3f} vs WM {means['wm']:.3f}"))
+        if g.lr.nunique() >= 3 and (g.method == "wm").any():
+            joined = hidden_dimension(dims[dims.setting == setting]).merge(g[g.method == "wm"], on=["setting", "depth", "width", "lr", "pair"])
+            rho = joined.pr_plain.corr(joined.loss_barrier, method="spearman")
+            rows.append(_row("width.dimension_barrier", setting, "wm", rho, corr, rho >= corr,
+                             f"Spearman(dimension of A's hidden clouds, WM test loss barrier) = {rho:+.2f} "
+                             f"over {len(joined)} cells"))
+        worst = max_layer(layers[layers.setting == setting]).merge(g, on=["setting", "depth", "width", "lr", "pair", "method"])
+        if len(worst) >= 4:
+            rho = worst.cos_dist.corr(worst.error_barrier, method="spearman")
+            rows.append(_row("width.llfc_follows_lmc", setting, "all", rho, corr, rho >= corr,
+                             f"Spearman(worst-layer cos_dist, test error barrier) = {rho:+.2f} over {len(worst)} "
+                             f"(cell, method)s"))
     return rows
 
 

@@ -1,6 +1,7 @@
-"""Aligning B to A by permutations: weight matching (WM), activation matching (AM) and STE.
+"""Aligning B to A by permutations: weight matching (WM), activation matching (AM), STE, covariance-weighted
+weight matching (Sigma-WM, Ferbach et al.) and commutativity matching (CM).
 
-All three return permutations in the convention of `llfc_core.permutation` (B's unit perm[i] moves to
+All of them return permutations in the convention of `llfc_core.permutation` (B's unit perm[i] moves to
 position i), to be applied with `apply_permutation(model_b, spec, perms)`.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .permutation import (PermutationSpec, SpecError, apply_permutation, check_same_architecture, identity_perms,
                           permute_param, permute_state, random_perms)
+from .neurons import augmented_weight, input_moments, linear_ops, patch_rows, store_input
 from .runtime import progress
 
 
@@ -213,6 +215,46 @@ def activation_matching(model_a, model_b, spec: PermutationSpec, batches, *, nor
     return MatchResult(perms, [total], 1)
 
 
+# ------------------------------------------------------------------ covariance-weighted weight matching
+@torch.no_grad()
+def covariance_weight_matching(model_a, model_b, spec: PermutationSpec, batches, *,
+                               moments: dict | None = None) -> MatchResult:
+    """Weight matching in the input-covariance norm, after Ferbach et al. (AISTATS 2024): layer by layer
+    from the input, the neurons of each linear op are matched by one exact assignment minimising
+    sum_i E[(w_A,i . z + b_A,i - w_B,pi(i) . z - b_B,pi(i))^2] over A's input z to that op
+    (`neurons.input_moments`), with B's input side already permuted by the layers before. Unlike
+    Git Re-Basin's WM there is no coordinate descent: each permutation is solved once, given those
+    below it. `moments`: A's input moments when already computed (else one pass over `batches`).
+
+    Permutations are solved in forward order of the ops whose outputs they permute; one that several ops
+    produce (a residual stream) sums their costs. A spec where an op's input permutation is not yet known
+    when its output's is solved (no feed-forward order) is refused."""
+    check_same_architecture(model_a.state_dict(), model_b.state_dict())
+    moments = moments if moments is not None else input_moments(model_a, batches)
+    ops_a, ops_b = linear_ops(model_a), linear_ops(model_b)
+    perms = identity_perms(spec.sizes(model_a.state_dict()))
+    axes = {n: spec.axes.get(f"{n}.weight", (None, None))[:2] for n in ops_a}
+    solved, total = set(), 0.0
+    for p in dict.fromkeys(out for out, _ in axes.values() if out is not None):
+        cost = 0.0
+        for n in (n for n, (out, _) in axes.items() if out == p):
+            p_in = axes[n][1]
+            if p_in is not None and p_in not in solved:
+                raise SpecError(f"covariance weight matching needs a feed-forward order: op {n!r} produces "
+                                f"{p!r} from {p_in!r}, which no earlier op produces")
+            wa, wb = augmented_weight(ops_a[n]), augmented_weight(ops_b[n]).to(ops_a[n].weight.device)
+            if p_in is not None:  # B's input side in A's order: columns by channel, each k x k taps, bias last
+                taps = ops_a[n].weight[0].numel() // ops_a[n].weight.shape[1]
+                index = (perms[p_in].to(wb.device)[:, None] * taps + torch.arange(taps, device=wb.device)).reshape(-1)
+                wb = torch.cat([wb[:, index], wb[:, -1:]], 1)
+            # ||w_A,i - w_B,j||_M^2 = const_i + const_j - 2 w_A,i M w_B,j: the assignment maximises the cross term
+            cost = cost + wa @ moments[n].to(wa.device) @ wb.T
+        perms[p] = solve_assignment(cost)
+        total += float(cost[torch.arange(len(perms[p])), perms[p].to(cost.device)].sum())
+        solved.add(p)
+    return MatchResult({p: v.cpu() for p, v in perms.items()}, [total], 1)
+
+
 def _store(bucket: dict, name: str):
     def hook(module, inputs, output):
         bucket[name] = output.detach()
@@ -363,7 +405,7 @@ def commutativity_moments(model_a, model_b, spec: PermutationSpec, batches, max_
     ops = [n for n in find_taps(model_a, first[0])["linears"] if any(spec.axes.get(f"{n}.weight", (None,))[:2])]
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     seen = {"a": {}, "b": {}}
-    hooks = [mods[n].register_forward_hook(_store_input(seen[tag], n))
+    hooks = [mods[n].register_forward_hook(store_input(seen[tag], n))
              for tag, mods in (("a", mods_a), ("b", mods_b)) for n in ops]
     sums = {n: [0.0, 0.0, 0.0] for n in ops}
     count = {n: 0 for n in ops}
@@ -375,7 +417,7 @@ def commutativity_moments(model_a, model_b, spec: PermutationSpec, batches, max_
                 ops = [n for n in ops if spec.axes[f"{n}.weight"][1] is not None
                        or not torch.equal(seen["a"][n], seen["b"][n])]
             for n in ops:
-                for ha, hb in zip(*(_patch_rows(mods_a[n], seen[t][n], max_rows) for t in ("a", "b"))):
+                for ha, hb in zip(*(patch_rows(mods_a[n], seen[t][n], max_rows) for t in ("a", "b"))):
                     # products in the models' precision, sums over chunks in float64
                     s = sums[n]
                     s[0] = s[0] + (ha.T @ ha).double()
@@ -393,27 +435,6 @@ def commutativity_moments(model_a, model_b, spec: PermutationSpec, batches, max_
         aa, ab, bb = (s / count[n] for s in sums[n])
         out.append(_OpMoments(f"{n}.weight", p_out, p_in, taps, wa, wb, aa, ab, bb))
     return out
-
-
-def _store_input(bucket: dict, name: str):
-    def hook(module, inputs, output):
-        bucket[name] = inputs[0].detach()
-    return hook
-
-
-def _patch_rows(module, h: torch.Tensor, max_rows: int):
-    """The op's input as rows of vectors (conv: one row per sample and output position), in
-    chunks of about `max_rows` rows so a wide conv's unfolded input never sits in memory whole."""
-    import torch.nn.functional as F
-
-    if not isinstance(module, torch.nn.Conv2d):
-        yield h
-        return
-    positions = F.unfold(h[:1], module.kernel_size, module.dilation, module.padding, module.stride).shape[-1]
-    step = max(1, max_rows // positions)
-    for i in range(0, h.shape[0], step):
-        cols = F.unfold(h[i:i + step], module.kernel_size, module.dilation, module.padding, module.stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def commutativity_objective(moments: list[_OpMoments], perms: dict) -> float:

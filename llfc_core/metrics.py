@@ -288,6 +288,18 @@ def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.
     return {"llfc": sums.llfc_frame(), "conditions": sums.conditions_frame(mods_a, mods_b)}
 
 
+def layer_summary(llfc: pd.DataFrame, conditions: pd.DataFrame) -> pd.DataFrame:
+    """One row per feature layer of `layer_metrics`' frames (one alpha): LLFC there, Dist_sigma of its ReLU,
+    and the largest Dist_com of the ops feeding it."""
+    keep = [c for c in ("setting", "pair", "layer", "depth", "cos_dist", "cos_dist_baseline", "scale_c") if c in llfc]
+    sigma = conditions[conditions.kind == "relu"].set_index("layer").dist_sigma
+    com = conditions[conditions.kind == "linear"].groupby("depth").dist_com.max()
+    frame = llfc[keep].copy()
+    frame["dist_sigma"] = frame.layer.map(sigma)
+    frame["dist_com"] = frame.depth.map(com)
+    return frame
+
+
 def _chain(first, rest):
     yield first
     yield from rest

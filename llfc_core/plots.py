@@ -6,7 +6,7 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 
-PAIR_ORDER = ["spawn", "wm", "am", "ste", "cm", "naive", "identity", "random"]
+PAIR_ORDER = ["spawn", "wm", "swm", "am", "ste", "cm", "naive", "identity", "random"]
 PALETTE = dict(zip(PAIR_ORDER, sns.color_palette("colorblind", len(PAIR_ORDER))))
 
 
@@ -67,15 +67,19 @@ def separation(frame: pd.DataFrame, x: str, y: str, level: float, ratio: float, 
 
 
 def lines(frame: pd.DataFrame, x: str, y: str, hue: str, col: str = "setting", log: bool = False,
-          xlabel: str | None = None, ylabel: str | None = None, style: str | None = None):
-    """y against any x (e.g. the spawn epoch), one panel per `col`, colour = `hue` (a layer, a pair)."""
+          xlabel: str | None = None, ylabel: str | None = None, style: str | None = None, logx: bool = False,
+          errorbar=None):
+    """y against any x (the spawn epoch, the width), one panel per `col`, colour = `hue` (a layer, a pair).
+    Repeated rows per point (seed pairs) are averaged; `errorbar="sd"` shows their spread."""
     palette = PALETTE if set(frame[hue]) <= set(PALETTE) else "viridis"
     order = _order(frame[hue]) if palette is PALETTE else None
     g = sns.relplot(data=frame, x=x, y=y, hue=hue, hue_order=order, palette=palette, style=style, col=col,
                     col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
-                    aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=None)
+                    aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=errorbar)
     if log:
         g.set(yscale="log")
+    if logx:
+        g.set(xscale="log")
     g.set_titles("{col_name}")
     g.set_axis_labels(xlabel or x, ylabel or y)
     return g

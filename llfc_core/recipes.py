@@ -6,6 +6,7 @@ spawn point are passed beside it, so one recipe makes many networks. Change a fi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 
@@ -20,10 +21,11 @@ class Recipe:
     lr: float = 0.1                   # peak learning rate
     momentum: float = 0.9             # SGD only
     weight_decay: float = 1e-4
-    schedule: str = "step"            # 'step' (x gamma at milestones) | 'triangle' (linear warm-up, linear decay) | 'constant'
+    schedule: str = "step"            # 'step' (x gamma at milestones) | 'triangle' (linear warm-up, linear decay)
+                                      # | 'cosine' (linear warm-up, cosine decay to 0) | 'constant'
     milestones: tuple = ()            # epochs where 'step' multiplies the lr by gamma
     gamma: float = 0.1
-    warmup_epochs: float = 0.0        # 'triangle' only
+    warmup_epochs: float = 0.0        # 'triangle' and 'cosine'
     augment: bool = False             # random crop (pad 4) + horizontal flip, on the device
     train_subset: int | None = None   # train on a fixed random subset (CPU profiles)
     extra: dict = field(default_factory=dict)  # free-form notes that should also key the cache
@@ -33,7 +35,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: unknown data set {self.dataset!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"recipe {self.name!r}: unknown optimizer {self.optimizer!r}")
-        if self.schedule not in ("step", "triangle", "constant"):
+        if self.schedule not in ("step", "triangle", "cosine", "constant"):
             raise ValueError(f"recipe {self.name!r}: unknown schedule {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"recipe {self.name!r}: epochs, batch size and lr must be positive")
@@ -51,7 +53,10 @@ class Recipe:
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if epoch < self.warmup_epochs:
             return self.lr * epoch / self.warmup_epochs
-        return self.lr * max(0.0, (self.epochs - epoch) / max(self.epochs - self.warmup_epochs, 1e-9))
+        left = max(0.0, (self.epochs - epoch) / max(self.epochs - self.warmup_epochs, 1e-9))  # 1 -> 0 after warm-up
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 - math.cos(math.pi * left))
+        return self.lr * left
 
 
 MNIST_MLP = {"arch": "mlp", "in_features": 784, "widths": [512, 512, 512], "num_classes": 10}

@@ -15,7 +15,7 @@ import torch
 from . import cache, data
 from .interpolate import interpolation_curve
 from .matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
-from .metrics import (feature_averaging, find_taps, layer_metrics, principal_angles, stitching_errors,
+from .metrics import (feature_averaging, find_taps, layer_metrics, layer_summary, principal_angles, stitching_errors,
                       weight_principal_angles, weight_spectra)
 from .pairs import (STATS_BATCH, SUBSET_SEEDS, SettingModels, build_pairs, calibration, eval_splits, pair_perms,
                     train_models)
@@ -23,6 +23,7 @@ from .permutation import apply_permutation, identity_perms, random_perms
 from .profiles import SEEDS, Setting, setting_hash
 from .train import dataset_on, get_or_train
 from .runtime import default_device
+from .width import TABLES as WIDTH_TABLES
 
 LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)
 
@@ -301,19 +302,8 @@ def spawn_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
         models = SettingModels(setting, a, {"spawn": b}, {"a": keys[0], "spawn": keys[1]})
         layers = _layer_frames(setting, models, {"spawn": (a, b)}, device, (0.5,), paper)
         out["spawn_lmc"].append(_lmc_frames(setting, models, {"spawn": (a, b)}, device, paper).assign(spawn_epoch=epoch))
-        out["spawn_layers"].append(_spawn_layers(layers["llfc"], layers["conditions"]).assign(spawn_epoch=epoch))
+        out["spawn_layers"].append(layer_summary(layers["llfc"], layers["conditions"]).assign(spawn_epoch=epoch))
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
-
-
-def _spawn_layers(llfc: pd.DataFrame, cond: pd.DataFrame) -> pd.DataFrame:
-    """One row per feature layer: LLFC there, Dist_sigma of its ReLU, Dist_com of the op feeding it."""
-    keep = ["setting", "pair", "layer", "depth", "cos_dist", "cos_dist_baseline", "scale_c"]
-    sigma = cond[cond.kind == "relu"].set_index("layer").dist_sigma
-    com = cond[cond.kind == "linear"].groupby("depth").dist_com.max()
-    frame = llfc[keep].copy()
-    frame["dist_sigma"] = frame.layer.map(sigma)
-    frame["dist_com"] = frame.depth.map(com)
-    return frame
 
 
 def spawn_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
@@ -347,9 +337,12 @@ TABLES = {"lmc": lmc_table, "llfc": llfc_table, "conditions": conditions_table, 
           "stitching": stitching_table, "angles": angles_table, "spectra": spectra_table,
           "cm": cm_table, "cm_lmc": cm_lmc_table, "cm_llfc": cm_llfc_table, "cm_conditions": cm_conditions_table,
           "averaging": averaging_table, "spawn_lmc": spawn_lmc_table, "spawn_layers": spawn_layers_table}
+TABLES.update(WIDTH_TABLES)
 CHAPTER_TABLES = {"01_lmc": ["lmc"], "02_llfc": ["llfc", "lmc"], "03_conditions": ["conditions", "llfc"],
                   "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"],
+                  "05_width": list(WIDTH_TABLES),
                   "06_beyond": ["cm", "cm_lmc", "cm_llfc", "cm_conditions", "lmc", "llfc", "conditions", "averaging",
                                 "spawn_lmc", "spawn_layers"]}
+SWEEP_CHAPTERS = ("05_width",)  # chapters whose rows come from sweeps (`llfc_core.width`), not settings
 # Chapters that default to a subset of a profile's settings: chapter -> profile -> setting names.
 CHAPTER_SETTINGS = {"06_beyond": BEYOND_SETTINGS}

@@ -22,7 +22,7 @@ def test_every_chapter_is_in_the_toc():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
     assert [f"notebooks/{p.stem}" for p in CHAPTERS] == [f for f in files if f.startswith("notebooks/")]
-    assert len(CHAPTERS) == 5
+    assert len(CHAPTERS) == 6
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

@@ -1,0 +1,261 @@
+"""Chapter 5: width, the dimension of the neuron cloud and optimal transport (Ferbach et al., AISTATS 2024),
+and what no one has measured: LLFC and its two conditions against width.
+
+A `Sweep` is a grid depth x width x peak learning rate x seed pair of MLP pairs trained by one recipe;
+each grid point is a cell (`measure_cell`), run through `llfc_core.sweep` (in this process, or on Ray)
+and cached by its configuration, so sweeps that share a grid point (the lr sweep's 3 x 512 at the width
+sweeps' lr) train and measure it once. A cell trains or loads its two networks A and B and, for each way
+of aligning B to A (`METHODS`), measures
+  lmc     loss / error barriers on train and test, the midpoint's loss and error, the endpoints'
+  layers  per feature layer at alpha = 0.5: cos_dist, its baseline, c, Dist_sigma, Dist_com
+  cost    per linear op: B's neurons' relative distance to A's, plain and in A's input norm
+and, for A and B at initialisation and trained,
+  dims    per linear op: the participation ratio of the neuron cloud, plain and Sigma (`llfc_core.neurons`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pandas as pd
+
+from . import cache, data
+from . import sweep as engine
+from .interpolate import barriers, interpolation_curve
+from .matching import activation_matching, covariance_weight_matching, weight_matching
+from .metrics import layer_metrics, layer_summary
+from .neurons import input_moments, matching_distances, neuron_dimensions
+from .pairs import STATS_BATCH, SUBSET_SEEDS
+from .permutation import apply_permutation, identity_perms
+from .recipes import Recipe
+from .runtime import default_device
+from .train import dataset_on, get_or_train, new_state
+
+METHODS = ("naive", "wm", "swm", "am")  # swm: Ferbach et al.'s covariance-weighted weight matching
+MATCHED = ("wm", "swm", "am")
+# The barrier at the midpoint, as Ferbach et al. measure it (the book's other chapters take the max over 11-21 points).
+ALPHAS = (0.0, 0.5, 1.0)
+CELL_VERSION = 1  # bump when measure_cell's output changes
+IN_FEATURES = {"mnist": 784, "cifar10": 3072}
+TABLE_KINDS = ("lmc", "layers", "cost", "dims")
+GRID = ["depth", "width", "lr", "pair"]  # a cell's coordinates, the first columns of its rows
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A grid of MLP pairs. The recipe follows Ferbach et al.'s learning-rate study (Sec. 5 and the
+    official notebook damienferbach/OT_LMC, as issue #12 summarises them): SGD with momentum, linear
+    warm-up then cosine decay, batch 500. Momentum 0.9, no weight decay and the epoch budget are ours."""
+    name: str
+    dataset: str
+    depths: tuple = (1,)
+    widths: tuple = (512,)
+    lrs: tuple = (0.1,)
+    pairs: int = 3                    # seed pairs per grid point: A = (init 2k, data 2k), B = (2k+1, 2k+1)
+    epochs: int = 4
+    train_subset: int | None = 10000  # None: the whole training set
+    warmup_epochs: float = 0.5
+    batch_size: int = 500
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    eval_train: int | None = 1000     # samples for the barriers (None: all)
+    eval_test: int | None = 1000      # ... and for the layer metrics
+    statistics: int = 2000            # training samples for Sigma, AM and the dimensions
+    methods: tuple = METHODS
+    gpu_fraction: float = 0.25        # of one GPU per cell on Ray (several small trainings share one)
+    notes: str = ""
+
+    def recipe(self, depth: int, width: int, lr: float) -> Recipe:
+        model = {"arch": "mlp", "in_features": IN_FEATURES[self.dataset], "widths": [int(width)] * int(depth),
+                 "num_classes": 10}
+        return Recipe(f"sweep-mlp-{self.dataset}", self.dataset, model, epochs=self.epochs, batch_size=self.batch_size,
+                      optimizer="sgd", lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
+                      schedule="cosine", warmup_epochs=self.warmup_epochs, train_subset=self.train_subset)
+
+    def cells(self) -> list[dict]:
+        """One JSON-able dict per grid point: everything its results depend on, nothing else (no name),
+        so two sweeps sharing a grid point share its cache entry."""
+        return [{"recipe": self.recipe(d, w, lr).to_dict(), "grid": {"depth": d, "width": w, "lr": lr, "pair": k},
+                 "seeds": {"a": [2 * k, 2 * k], "b": [2 * k + 1, 2 * k + 1]}, "eval_train": self.eval_train,
+                 "eval_test": self.eval_test, "statistics": self.statistics, "methods": list(self.methods),
+                 "alphas": list(ALPHAS), "version": CELL_VERSION}
+                for d in self.depths for w in self.widths for lr in self.lrs for k in range(self.pairs)]
+
+    def results_hash(self) -> str:
+        d = dataclasses.asdict(self)
+        d.pop("gpu_fraction")  # where a cell runs does not change its numbers
+        return cache.config_hash({"sweep": d, "cell_version": CELL_VERSION})
+
+    def provenance(self) -> dict:
+        """What the manifest records about a computed sweep (the form `results.load_or_compute` takes)."""
+        return {"setting": {"hash": self.results_hash(), "sweep": dataclasses.asdict(self),
+                            "recipe": self.recipe(self.depths[0], self.widths[0], self.lrs[0]).to_dict()},
+                "data": {self.dataset: dataset_on(self.dataset, "test", "cpu").source},
+                "seeds": {"pair k": "A: init 2k, data 2k; B: init 2k+1, data 2k+1"}}
+
+
+# The sweeps per profile. cpu: 2 cores in about 12 minutes cold, so 10k training images and 4 epochs
+# (80 steps at batch 500: about 90 % test accuracy, an under-trained stand-in for Ferbach et al.'s
+# networks); the learning-rate study gets 10 epochs so that the small rates train at all. paper: the
+# whole training set, longer, wider, more pairs (not yet run: it needs the GPU).
+_WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
+SWEEPS: dict[str, dict[str, Sweep]] = {
+    # smoke: three widths and three rates, the fewest that give every figure and check of the chapter
+    "smoke": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=(8, 16, 32), pairs=1, epochs=1, train_subset=1000,
+                                    eval_train=300, eval_test=300, statistics=300),
+              "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), pairs=1,
+                                epochs=1, train_subset=1000, eval_train=300, eval_test=300, statistics=300)},
+    "cpu": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS),
+            "mnist-depth3": Sweep("mnist-depth3", "mnist", depths=(3,), widths=_WIDTHS),
+            "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", depths=(3,), widths=(64, 256, 1024)),
+            "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(512,), lrs=_LRS, epochs=10)},
+    "paper": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS + (4096,), pairs=5, epochs=20,
+                                    train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
+              "mnist-depth3": Sweep("mnist-depth3", "mnist", depths=(3,), widths=_WIDTHS + (4096,), pairs=5, epochs=20,
+                                    train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
+              "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", depths=(3,), widths=(64, 256, 1024, 4096), pairs=5,
+                                      epochs=40, train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
+              "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(512,), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+                                pairs=5, epochs=20, train_subset=None, eval_train=10000, eval_test=None, statistics=5000)},
+}
+
+
+def get_sweeps(profile: str, names: list | str | None = None) -> dict[str, Sweep]:
+    """The sweeps of a profile, optionally only those `names` (a list or 'a,b')."""
+    if profile not in SWEEPS:
+        raise KeyError(f"unknown profile {profile!r}; choose from {sorted(SWEEPS)}")
+    sweeps = SWEEPS[profile]
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if names:
+        unknown = set(names) - set(sweeps)
+        if unknown:
+            raise KeyError(f"profile {profile!r} has no sweeps {sorted(unknown)}; it has {sorted(sweeps)}")
+        sweeps = {k: v for k, v in sweeps.items() if k in names}
+    return sweeps
+
+
+# ------------------------------------------------------------------------------------- one cell
+def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
+    """Train or load the cell's A and B, align B by each method and measure (see the module docstring)."""
+    device = default_device()
+    recipe = Recipe(**dict(cell["recipe"], milestones=tuple(cell["recipe"]["milestones"])))
+    (init_a, data_a), (init_b, data_b) = cell["seeds"]["a"], cell["seeds"]["b"]
+    a, _ = get_or_train(recipe, init_a, data_a, device=device)
+    b, _ = get_or_train(recipe, init_b, data_b, device=device)
+    train = dataset_on(recipe.dataset, "train", str(device))
+    splits = {"train": train.subset(cell["eval_train"], SUBSET_SEEDS["eval_train"]),
+              "test": dataset_on(recipe.dataset, "test", str(device)).subset(cell["eval_test"], SUBSET_SEEDS["eval_test"])}
+    stats = list(data.batches(train.subset(cell["statistics"], SUBSET_SEEDS["activation_matching"]), STATS_BATCH))
+    spec = a.permutation_spec()
+    moments_a = input_moments(a, stats)
+    out = {kind: [] for kind in TABLE_KINDS}
+    for method in cell["methods"]:
+        aligned = apply_permutation(b, spec, _align(method, a, b, spec, stats, moments_a))
+        curve = interpolation_curve(a, aligned, splits, alphas=cell["alphas"])
+        out["lmc"].append(_lmc_rows(curve).assign(method=method))
+        metrics = layer_metrics(a, aligned, data.batches(splits["test"], STATS_BATCH), alphas=(0.5,))
+        out["layers"].append(layer_summary(metrics["llfc"], metrics["conditions"]).assign(method=method))
+        out["cost"].append(matching_distances(a, aligned, moments_a).assign(method=method))
+    for name, (init, trained) in {"a": (init_a, a), "b": (init_b, b)}.items():
+        start = new_state(recipe, init, device).model.eval()  # the same init the trained net started from
+        for stage, model in (("init", start), ("trained", trained)):
+            dims = neuron_dimensions(model, input_moments(model, stats))
+            out["dims"].append(dims.assign(model=name, stage=stage))
+    grid = cell["grid"]
+    return {kind: pd.concat(frames, ignore_index=True).assign(**grid)[GRID + _rest(frames[0])]
+            for kind, frames in out.items()}
+
+
+def _rest(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c not in GRID]
+
+
+def _align(method: str, a, b, spec, stats: list, moments_a: dict) -> dict:
+    if method == "naive":
+        return identity_perms(spec.sizes(a.state_dict()))
+    if method == "wm":
+        return weight_matching(spec, a.state_dict(), b.state_dict()).perms
+    if method == "swm":
+        return covariance_weight_matching(a, b, spec, stats, moments=moments_a).perms
+    if method == "am":
+        return activation_matching(a, b, spec, stats).perms
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def _lmc_rows(curve: pd.DataFrame) -> pd.DataFrame:
+    """Per split: the barriers, the midpoint's loss and error, and the endpoints' (A at alpha 1, B at 0)."""
+    rows = barriers(curve.drop(columns="correction")).set_index("split")
+    for split, g in curve.groupby("split"):
+        at = g.set_index("alpha")
+        for metric in ("loss", "error"):
+            rows.loc[split, f"{metric}_mid"] = at.loc[0.5, metric]
+            rows.loc[split, f"{metric}_ends"] = (at.loc[1.0, metric] + at.loc[0.0, metric]) / 2
+    return rows.reset_index()
+
+
+# ------------------------------------------------------------------------------- the sweep's tables
+def sweep_frames(sweep: Sweep, ray_address: str | None = None) -> dict[str, pd.DataFrame]:
+    """Every cell of `sweep` (cached ones read), as one frame per kind with the sweep's name as `setting`."""
+    gpus = sweep.gpu_fraction if default_device().type == "cuda" else 0.0
+    results = engine.run(measure_cell, sweep.cells(), ray_address=ray_address, num_gpus=gpus, desc=sweep.name)
+    frames = {}
+    for kind in TABLE_KINDS:
+        frame = pd.concat([r[kind] for r in results], ignore_index=True)
+        frame.insert(0, "setting", sweep.name)
+        frames[kind] = frame
+    return frames
+
+
+def width_table(kind: str, sweep: Sweep, device=None, ray_address: str | None = None) -> pd.DataFrame:
+    """One of the chapter's tables (`kind` in TABLE_KINDS) for one sweep; `device` is unused (cells pick theirs)."""
+    return sweep_frames(sweep, ray_address)[kind]
+
+
+TABLES = {f"width_{kind}": partial(width_table, kind) for kind in TABLE_KINDS}
+
+
+# ------------------------------------------------------------------------------------- the analysis
+def fit_slopes(frame: pd.DataFrame, y: str, by: list[str], x: str = "width", floor: float = 1e-4) -> pd.DataFrame:
+    """Least-squares slope of log(mean y) against log(x) per group `by` (means over seed pairs first;
+    means below `floor` are set to it, so a barrier that reaches zero counts as small, not as missing)."""
+    rows = []
+    for key, g in frame.groupby(by, sort=False):
+        means = g.groupby(x)[y].mean()
+        if len(means) < 2:
+            continue
+        slope, _ = np.polyfit(np.log(means.index.to_numpy(float)), np.log(means.clip(lower=floor).to_numpy()), 1)
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "slope": float(slope),
+                     "points": len(means), f"{y}_first": float(means.iloc[0]), f"{y}_last": float(means.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def hidden_dimension(dims: pd.DataFrame, norm: str = "plain", stage: str = "trained", model: str = "a") -> pd.DataFrame:
+    """Per cell: the mean participation ratio over the hidden layers (every op but the classifier head)."""
+    d = dims[(dims.stage == stage) & (dims.model == model) & (dims.layer != "head")]
+    return d.groupby(["setting"] + GRID, as_index=False)[f"pr_{norm}"].mean()
+
+
+def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
+    """Per (sweep, depth, layer, norm): the fitted slope of the best-matching cost against width (each norm
+    with its own matching: plain with WM, Sigma with Sigma-WM), beside -1/d for the measured dimension d
+    (A's trained cloud at the largest width), the rate m^(-1/d) of Ferbach et al.'s bounds."""
+    rows = []
+    for norm, method in (("plain", "wm"), ("sigma", "swm")):
+        slopes = fit_slopes(cost[cost.method == method], f"dist_{norm}", ["setting", "depth", "layer"])
+        trained = dims[(dims.stage == "trained") & (dims.model == "a")]
+        widest = trained[trained.width == trained.groupby(["setting", "depth"]).width.transform("max")]
+        d = widest.groupby(["setting", "depth", "layer"])[f"pr_{norm}"].mean().rename("dimension")
+        slopes = slopes.join(d, on=["setting", "depth", "layer"]).assign(norm=norm)
+        slopes["rate"] = -1 / slopes.dimension
+        rows.append(slopes.rename(columns={f"dist_{norm}_first": "cost_first", f"dist_{norm}_last": "cost_last"}))
+    return pd.concat(rows, ignore_index=True)[["setting", "depth", "layer", "norm", "slope", "rate", "dimension",
+                                               "cost_first", "cost_last", "points"]]
+
+
+def max_layer(layers: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
+    """Per (cell, method): the largest value of `column` over the feature layers."""
+    return layers.groupby(["setting"] + GRID + ["method"], as_index=False)[column].max()
