@@ -103,7 +103,7 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
             record = describe(name)
             manifest.setdefault("settings", {})[name] = record["setting"]
             manifest.setdefault("data", {}).update(record["data"])
-            manifest["seeds"] = record["seeds"]
+            manifest.setdefault("seeds", {}).update(record["seeds"])
         write_manifest(profile, manifest)
     return frame
 

@@ -1,7 +1,7 @@
 """Chapter 5: width, the dimension of the neuron cloud and optimal transport (Ferbach et al., AISTATS 2024),
 and what no one has measured: LLFC and its two conditions against width.
 
-A `Sweep` is a grid depth x width x peak learning rate x seed pair of MLP pairs trained by one recipe;
+A `Sweep` is a grid hidden layers x width x peak learning rate x seed pair of MLP pairs trained by one recipe;
 each grid point is a cell (`measure_cell`), run through `llfc_core.sweep` (in this process, or on Ray)
 and cached by its configuration, so sweeps that share a grid point (the lr sweep's 3 x 512 at the width
 sweeps' lr) train and measure it once. A cell trains or loads its two networks A and B and, for each way
@@ -37,10 +37,11 @@ METHODS = ("naive", "wm", "swm", "am")  # swm: Ferbach et al.'s covariance-weigh
 MATCHED = ("wm", "swm", "am")
 # The barrier at the midpoint, as Ferbach et al. measure it (the book's other chapters take the max over 11-21 points).
 ALPHAS = (0.0, 0.5, 1.0)
-CELL_VERSION = 1  # bump when measure_cell's output changes
+CELL_VERSION = 2  # bump when measure_cell's output changes
 IN_FEATURES = {"mnist": 784, "cifar10": 3072}
 TABLE_KINDS = ("lmc", "layers", "cost", "dims")
-GRID = ["depth", "width", "lr", "pair"]  # a cell's coordinates, the first columns of its rows
+GRID = ["hidden_layers", "width", "lr", "pair"]  # a cell's coordinates, the first columns of its rows
+# (a layer's own `depth`, as in chapters 2-3, stays the column of that name in the layer rows)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Sweep:
     warm-up then cosine decay, batch 500. Momentum 0.9, no weight decay and the epoch budget are ours."""
     name: str
     dataset: str
-    depths: tuple = (1,)
+    hidden_layers: tuple = (1,)       # numbers of hidden layers, each of `width` units
     widths: tuple = (512,)
     lrs: tuple = (0.1,)
     pairs: int = 3                    # seed pairs per grid point: A = (init 2k, data 2k), B = (2k+1, 2k+1)
@@ -67,8 +68,8 @@ class Sweep:
     gpu_fraction: float = 0.25        # of one GPU per cell on Ray (several small trainings share one)
     notes: str = ""
 
-    def recipe(self, depth: int, width: int, lr: float) -> Recipe:
-        model = {"arch": "mlp", "in_features": IN_FEATURES[self.dataset], "widths": [int(width)] * int(depth),
+    def recipe(self, hidden: int, width: int, lr: float) -> Recipe:
+        model = {"arch": "mlp", "in_features": IN_FEATURES[self.dataset], "widths": [int(width)] * int(hidden),
                  "num_classes": 10}
         return Recipe(f"sweep-mlp-{self.dataset}", self.dataset, model, epochs=self.epochs, batch_size=self.batch_size,
                       optimizer="sgd", lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
@@ -77,11 +78,11 @@ class Sweep:
     def cells(self) -> list[dict]:
         """One JSON-able dict per grid point: everything its results depend on, nothing else (no name),
         so two sweeps sharing a grid point share its cache entry."""
-        return [{"recipe": self.recipe(d, w, lr).to_dict(), "grid": {"depth": d, "width": w, "lr": lr, "pair": k},
+        return [{"recipe": self.recipe(h, w, lr).to_dict(), "grid": {"hidden_layers": h, "width": w, "lr": lr, "pair": k},
                  "seeds": {"a": [2 * k, 2 * k], "b": [2 * k + 1, 2 * k + 1]}, "eval_train": self.eval_train,
                  "eval_test": self.eval_test, "statistics": self.statistics, "methods": list(self.methods),
                  "alphas": list(ALPHAS), "version": CELL_VERSION}
-                for d in self.depths for w in self.widths for lr in self.lrs for k in range(self.pairs)]
+                for h in self.hidden_layers for w in self.widths for lr in self.lrs for k in range(self.pairs)]
 
     def results_hash(self) -> str:
         d = dataclasses.asdict(self)
@@ -91,9 +92,10 @@ class Sweep:
     def provenance(self) -> dict:
         """What the manifest records about a computed sweep (the form `results.load_or_compute` takes)."""
         return {"setting": {"hash": self.results_hash(), "sweep": dataclasses.asdict(self),
-                            "recipe": self.recipe(self.depths[0], self.widths[0], self.lrs[0]).to_dict()},
+                            "recipe": self.recipe(self.hidden_layers[0], self.widths[0], self.lrs[0]).to_dict(),
+                            "seeds": "pair k: A = (init 2k, data 2k), B = (init 2k+1, data 2k+1)"},
                 "data": {self.dataset: dataset_on(self.dataset, "test", "cpu").source},
-                "seeds": {"pair k": "A: init 2k, data 2k; B: init 2k+1, data 2k+1"}}
+                "seeds": {}}  # the settings' seed table (profiles.SEEDS) does not apply: the rule is above
 
 
 # The sweeps per profile. cpu: 2 cores in about 12 minutes cold, so 10k training images and 4 epochs
@@ -106,19 +108,19 @@ SWEEPS: dict[str, dict[str, Sweep]] = {
     # smoke: three widths and three rates, the fewest that give every figure and check of the chapter
     "smoke": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=(8, 16, 32), pairs=1, epochs=1, train_subset=1000,
                                     eval_train=300, eval_test=300, statistics=300),
-              "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), pairs=1,
+              "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), pairs=1,
                                 epochs=1, train_subset=1000, eval_train=300, eval_test=300, statistics=300)},
     "cpu": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS),
-            "mnist-depth3": Sweep("mnist-depth3", "mnist", depths=(3,), widths=_WIDTHS),
-            "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", depths=(3,), widths=(64, 256, 1024)),
-            "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(512,), lrs=_LRS, epochs=10)},
+            "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS),
+            "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024)),
+            "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=_LRS, epochs=10)},
     "paper": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS + (4096,), pairs=5, epochs=20,
                                     train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
-              "mnist-depth3": Sweep("mnist-depth3", "mnist", depths=(3,), widths=_WIDTHS + (4096,), pairs=5, epochs=20,
+              "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS + (4096,), pairs=5, epochs=20,
                                     train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
-              "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", depths=(3,), widths=(64, 256, 1024, 4096), pairs=5,
+              "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024, 4096), pairs=5,
                                       epochs=40, train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
-              "mnist-lr": Sweep("mnist-lr", "mnist", depths=(3,), widths=(512,), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+              "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
                                 pairs=5, epochs=20, train_subset=None, eval_train=10000, eval_test=None, statistics=5000)},
 }
 
@@ -153,9 +155,12 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     spec = a.permutation_spec()
     moments_a = input_moments(a, stats)
     out = {kind: [] for kind in TABLE_KINDS}
+    # the endpoints are the same networks whatever the permutation: evaluated once, the inner points per method
+    inner = [x for x in cell["alphas"] if 0 < x < 1]
+    ends = interpolation_curve(a, b, splits, alphas=[x for x in cell["alphas"] if x in (0, 1)])
     for method in cell["methods"]:
         aligned = apply_permutation(b, spec, _align(method, a, b, spec, stats, moments_a))
-        curve = interpolation_curve(a, aligned, splits, alphas=cell["alphas"])
+        curve = pd.concat([ends, interpolation_curve(a, aligned, splits, alphas=inner)], ignore_index=True)
         out["lmc"].append(_lmc_rows(curve).assign(method=method))
         metrics = layer_metrics(a, aligned, data.batches(splits["test"], STATS_BATCH), alphas=(0.5,))
         out["layers"].append(layer_summary(metrics["llfc"], metrics["conditions"]).assign(method=method))
@@ -240,19 +245,19 @@ def hidden_dimension(dims: pd.DataFrame, norm: str = "plain", stage: str = "trai
 
 
 def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
-    """Per (sweep, depth, layer, norm): the fitted slope of the best-matching cost against width (each norm
+    """Per (sweep, hidden layers, layer, norm): the fitted slope of the best-matching cost against width (each norm
     with its own matching: plain with WM, Sigma with Sigma-WM), beside -1/d for the measured dimension d
     (A's trained cloud at the largest width), the rate m^(-1/d) of Ferbach et al.'s bounds."""
     rows = []
     for norm, method in (("plain", "wm"), ("sigma", "swm")):
-        slopes = fit_slopes(cost[cost.method == method], f"dist_{norm}", ["setting", "depth", "layer"])
+        slopes = fit_slopes(cost[cost.method == method], f"dist_{norm}", ["setting", "hidden_layers", "layer"])
         trained = dims[(dims.stage == "trained") & (dims.model == "a")]
-        widest = trained[trained.width == trained.groupby(["setting", "depth"]).width.transform("max")]
-        d = widest.groupby(["setting", "depth", "layer"])[f"pr_{norm}"].mean().rename("dimension")
-        slopes = slopes.join(d, on=["setting", "depth", "layer"]).assign(norm=norm)
+        widest = trained[trained.width == trained.groupby(["setting", "hidden_layers"]).width.transform("max")]
+        d = widest.groupby(["setting", "hidden_layers", "layer"])[f"pr_{norm}"].mean().rename("dimension")
+        slopes = slopes.join(d, on=["setting", "hidden_layers", "layer"]).assign(norm=norm)
         slopes["rate"] = -1 / slopes.dimension
         rows.append(slopes.rename(columns={f"dist_{norm}_first": "cost_first", f"dist_{norm}_last": "cost_last"}))
-    return pd.concat(rows, ignore_index=True)[["setting", "depth", "layer", "norm", "slope", "rate", "dimension",
+    return pd.concat(rows, ignore_index=True)[["setting", "hidden_layers", "layer", "norm", "slope", "rate", "dimension",
                                                "cost_first", "cost_last", "points"]]
 
 

@@ -173,7 +173,8 @@ def test_measure_cell_rows(cache_dir):
     out = measure_cell(cell)
     lmc = out["lmc"]
     assert set(lmc.method) == {"naive", "wm", "swm", "am"} and set(lmc.split) == {"train", "test"}
-    assert (lmc[["depth", "width", "lr", "pair"]].iloc[0].tolist() == [1, 8, 0.1, 0])
+    assert (lmc[["hidden_layers", "width", "lr", "pair"]].iloc[0].tolist() == [1, 8, 0.1, 0])
+    assert out["layers"].depth.tolist()[:2] == [1, 2]  # the layer's own depth (relu1, logits), not the grid's
     # the endpoints do not depend on how B is permuted
     assert lmc.groupby("split").error_ends.nunique().eq(1).all()
     naive = out["cost"][out["cost"].method == "naive"]
@@ -191,7 +192,7 @@ def _width_frames(matched_slope: float, naive_barrier: float, swm_factor: float,
         for width in widths:
             for i, lr in enumerate(lrs):
                 for pair in range(2):
-                    cell = {"setting": setting, "depth": 1, "width": width, "lr": lr, "pair": pair}
+                    cell = {"setting": setting, "hidden_layers": 1, "width": width, "lr": lr, "pair": pair}
                     for method in ("naive", "wm", "swm", "am"):
                         if method == "naive":
                             b = naive_barrier
