@@ -68,14 +68,16 @@ def separation(frame: pd.DataFrame, x: str, y: str, level: float, ratio: float, 
 
 def lines(frame: pd.DataFrame, x: str, y: str, hue: str, col: str = "setting", log: bool = False,
           xlabel: str | None = None, ylabel: str | None = None, style: str | None = None, logx: bool = False,
-          errorbar=None):
+          errorbar=None, points: bool = False):
     """y against any x (the spawn epoch, the width), one panel per `col`, colour = `hue` (a layer, a pair).
-    Repeated rows per point (seed pairs) are averaged; `errorbar="sd"` shows their spread."""
+    Repeated rows per point (seed pairs) are averaged; `errorbar="sd"` shows their spread. `points=True`:
+    every row as a dot, nothing joined or averaged (a scatter)."""
     palette = PALETTE if set(frame[hue]) <= set(PALETTE) else "viridis"
     order = _order(frame[hue]) if palette is PALETTE else None
+    how = {"kind": "scatter", "s": 30} if points else {"kind": "line", "marker": "o", "markersize": 4, "errorbar": errorbar}
     g = sns.relplot(data=frame, x=x, y=y, hue=hue, hue_order=order, palette=palette, style=style, col=col,
-                    col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
-                    aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=errorbar)
+                    col_wrap=min(3, frame[col].nunique()), height=3.2, aspect=1.2,
+                    facet_kws={"sharey": False, "sharex": False}, **how)
     if log:
         g.set(yscale="log")
     if logx:
