@@ -110,7 +110,7 @@ def test_checkpoint_of_another_shape_is_named(cache_dir, tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"dataset": "svhn"}, "unknown data set"), ({"optimizer": "lion"}, "unknown optimizer"),
-    ({"schedule": "cosine"}, "unknown schedule"), ({"epochs": 0}, "must be positive")])
+    ({"schedule": "exponential"}, "unknown schedule"), ({"epochs": 0}, "must be positive")])
 def test_bad_recipes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         replace(TINY, **kwargs)
