@@ -98,7 +98,7 @@ class Sweep:
                 "seeds": {}}  # the settings' seed table (profiles.SEEDS) does not apply: the rule is above
 
 
-# The sweeps per profile. cpu: 2 cores in about 12 minutes cold, so 10k training images and 4 epochs
+# The sweeps per profile. cpu: 11 minutes cold on 2 cores (measured), so 10k training images and 4 epochs
 # (80 steps at batch 500: 85-96 % MNIST test accuracy, an under-trained stand-in for Ferbach et al.'s
 # networks); the learning-rate study gets 10 epochs so that the small rates train at all. paper: the
 # whole training set, longer, wider, more pairs (not yet run: it needs the GPU).
