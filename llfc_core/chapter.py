@@ -8,6 +8,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import pandas as pd
 
@@ -39,13 +40,14 @@ class Chapter:
         configuration is unchanged, else `compute(setting)`."""
         from .tables import results_hash
 
-        chosen = {name: s for name, s in self.settings.items() if settings is None or name in settings}
-        # a sweep (chapter 5) says itself what its rows depend on; a setting's table says it for it
-        hashes = {name: s.results_hash() if isinstance(s, Sweep) else results_hash(table, s) for name, s in chosen.items()}
-        describe = lambda name: self.settings[name].provenance() if isinstance(self.settings[name], Sweep) \
-            else provenance(self.settings[name])
-        frame = results.load_or_compute(self.profile, table, hashes, lambda name: compute(self.settings[name]),
-                                        describe, recompute=self.recompute)
+        # what each row set depends on and what the manifest records of it: a sweep (chapter 5) says both
+        # itself, a setting through its table's hash and `pairs.provenance`
+        records = {name: (s.results_hash(), s.provenance) if isinstance(s, Sweep)
+                   else (results_hash(table, s), partial(provenance, s))
+                   for name, s in self.settings.items() if settings is None or name in settings}
+        frame = results.load_or_compute(self.profile, table, {name: h for name, (h, _) in records.items()},
+                                        lambda name: compute(self.settings[name]), lambda name: records[name][1](),
+                                        recompute=self.recompute)
         self.computed |= bool(frame.attrs.get("computed"))
         if table not in self.tables:
             self.tables.append(table)

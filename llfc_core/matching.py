@@ -27,6 +27,11 @@ class MatchResult:
     loss_trace: list[float] = field(default_factory=list)  # STE: the midpoint training loss of every step
 
 
+def patch_index(perm: torch.Tensor, taps: int) -> torch.Tensor:
+    """A channel permutation as an index over a flattened (channel, k x k taps) patch: column c * taps + t."""
+    return (perm[:, None] * taps + torch.arange(taps, device=perm.device)).reshape(-1)
+
+
 def solve_assignment(cost: torch.Tensor) -> torch.Tensor:
     """argmax_perm sum_i cost[i, perm[i]], with scipy's Jonker-Volgenant solver."""
     _, cols = linear_sum_assignment(cost.detach().cpu().double().numpy(), maximize=True)
@@ -245,8 +250,7 @@ def covariance_weight_matching(model_a, model_b, spec: PermutationSpec, batches,
             wa, wb = augmented_weight(ops_a[n]), augmented_weight(ops_b[n]).to(ops_a[n].weight.device)
             if p_in is not None:  # B's input side in A's order: columns by channel, each k x k taps, bias last
                 taps = ops_a[n].weight[0].numel() // ops_a[n].weight.shape[1]
-                index = (perms[p_in].to(wb.device)[:, None] * taps + torch.arange(taps, device=wb.device)).reshape(-1)
-                wb = torch.cat([wb[:, index], wb[:, -1:]], 1)
+                wb = torch.cat([wb[:, patch_index(perms[p_in].to(wb.device), taps)], wb[:, -1:]], 1)
             # ||w_A,i - w_B,j||_M^2 = const_i + const_j - 2 w_A,i M w_B,j: the assignment maximises the cross term
             cost = cost + wa @ moments[n].to(wa.device) @ wb.T
         perms[p] = solve_assignment(cost)
@@ -352,11 +356,9 @@ class _OpMoments:
 
     def patch_index(self, perm: torch.Tensor | None) -> torch.Tensor:
         """A channel permutation as an index over the flattened (channel, kernel position) patch."""
-        m = self.wa.shape[1]
         if perm is None:
-            return torch.arange(m, device=self.wa.device)
-        k = self.taps
-        return (perm.to(self.wa.device)[:, None] * k + torch.arange(k, device=self.wa.device)).reshape(-1)
+            return torch.arange(self.wa.shape[1], device=self.wa.device)
+        return patch_index(perm.to(self.wa.device), self.taps)
 
     def dd(self, idx: torch.Tensor) -> torch.Tensor:
         """E[D D^T] for D = H_A - P' H_B, with P' given as a patch index."""

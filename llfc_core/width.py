@@ -168,7 +168,8 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     for name, (init, trained) in {"a": (init_a, a), "b": (init_b, b)}.items():
         start = new_state(recipe, init, device).model.eval()  # the same init the trained net started from
         for stage, model in (("init", start), ("trained", trained)):
-            dims = neuron_dimensions(model, input_moments(model, stats))
+            moments = moments_a if model is a else input_moments(model, stats)  # A's were taken above
+            dims = neuron_dimensions(model, moments)
             out["dims"].append(dims.assign(model=name, stage=stage))
     grid = cell["grid"]
     return {kind: pd.concat(frames, ignore_index=True).assign(**grid)[GRID + _rest(frames[0])]
@@ -249,10 +250,10 @@ def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
     with its own matching: plain with WM, Sigma with Sigma-WM), beside -1/d for the measured dimension d
     (A's trained cloud at the largest width), the rate m^(-1/d) of Ferbach et al.'s bounds."""
     rows = []
+    trained = dims[(dims.stage == "trained") & (dims.model == "a")]
+    widest = trained[trained.width == trained.groupby(["setting", "hidden_layers"]).width.transform("max")]
     for norm, method in (("plain", "wm"), ("sigma", "swm")):
         slopes = fit_slopes(cost[cost.method == method], f"dist_{norm}", ["setting", "hidden_layers", "layer"])
-        trained = dims[(dims.stage == "trained") & (dims.model == "a")]
-        widest = trained[trained.width == trained.groupby(["setting", "hidden_layers"]).width.transform("max")]
         d = widest.groupby(["setting", "hidden_layers", "layer"])[f"pr_{norm}"].mean().rename("dimension")
         slopes = slopes.join(d, on=["setting", "hidden_layers", "layer"]).assign(norm=norm)
         slopes["rate"] = -1 / slopes.dimension
