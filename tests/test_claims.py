@@ -1,9 +1,9 @@
-"""Every claim of `llfc_core.claims` on small synthetic frames, in both directions: a frame where it must
+"""Every claim of `llfc_core.book.claims` on small synthetic frames, in both directions: a frame where it must
 pass and one where it must fail. A claim that cannot fail checks nothing."""
 import pandas as pd
 import pytest
 
-from llfc_core import claims, width
+from llfc_core.book import claims, width
 
 LAYERS = ["relu1", "relu2", "relu3", "logits"]
 ALPHAS = [0.25, 0.5, 0.75]

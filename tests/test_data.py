@@ -137,7 +137,7 @@ def test_unknown_dataset():
 def test_import_and_load_without_torchvision():
     """torchvision absent or broken must not matter: the core never imports it unless downloading."""
     code = ("import sys; sys.modules['torchvision'] = None\n"
-            "import llfc_core, llfc_core.data as d, llfc_core.tables, llfc_core.chapter, llfc_core.metrics, llfc_core.matching\n"
+            "import llfc_core, llfc_core.data as d, llfc_core.book.tables, llfc_core.book.chapter, llfc_core.metrics, llfc_core.matching\n"
             "print(d.load('mnist', 'test').images.shape)\n"
             "try:\n    d.load('mnist', 'test', root='/nonexistent', download=True)\n"
             "except d.DataError as e:\n    print('clear error:', 'torchvision' in str(e))\n")

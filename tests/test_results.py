@@ -5,12 +5,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llfc_core import chapter, pairs, profiles, results, width
-from llfc_core.tables import results_hash
+from llfc_core.book import chapter, pairs, profiles, results, width
+from llfc_core.book.tables import results_hash
 
 
 def _rows(spawn_barrier):
-    from llfc_core import claims
+    from llfc_core.book import claims
 
     table = pd.DataFrame([{"setting": "cifar10-vgg16", "pair": p, "split": "test", "error_barrier": b}
                           for p, b in (("spawn", spawn_barrier), ("naive", 0.5))])

@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from llfc_core import claims, sweep
+from llfc_core.book import claims, sweep
 from llfc_core.matching import covariance_weight_matching
 from llfc_core.models import MLP
 from llfc_core.neurons import input_moments, matching_distances, neuron_dimensions, participation_ratio
 from llfc_core.permutation import PermutationSpec, SpecError, apply_permutation, random_perms
 from llfc_core.recipes import get_recipe
-from llfc_core.width import Sweep, measure_cell
+from llfc_core.book.width import Sweep, measure_cell
 
 torch.set_default_dtype(torch.float32)
 

@@ -1,6 +1,6 @@
 """Sphinx extension for the book: publish the result tables with the site, and a clean console.
 
-* Every chapter links the CSVs it read and the manifest (`llfc_core.chapter.Chapter.sources`, captions of
+* Every chapter links the CSVs it read and the manifest (`llfc_core.book.chapter.Chapter.sources`, captions of
 `Chapter.figure`) as `../results/<profile>/<file>`; this copies `results/` (or $LLFC_RESULTS) into the
 built site under that path, so the links work offline and a reader can take the numbers away.
 * sphinx-thebe adds its inline configuration on an event that a Jupyter Book build fires twice, so

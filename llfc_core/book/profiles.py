@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import cache
-from .recipes import CIFAR_MLP, MNIST_MLP, Recipe, get_recipe
-from .train import model_config
+from .. import cache
+from ..recipes import CIFAR_MLP, MNIST_MLP, Recipe, get_recipe
+from ..train import model_config
 
 PAIRS = ("spawn", "naive", "wm", "am", "ste")
 SEEDS = {"init_a": 0, "parent_data": 0, "data_a": 1, "data_spawn": 2, "init_b": 1, "data_b": 3}

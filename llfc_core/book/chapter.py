@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import claims, profiles, results
 from .pairs import provenance
-from .runtime import configure_threads, default_device
+from ..runtime import configure_threads, default_device
 from .width import Sweep, get_sweeps
 
 

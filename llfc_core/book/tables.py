@@ -12,17 +12,17 @@ from functools import partial
 import pandas as pd
 import torch
 
-from . import cache, data
-from .interpolate import interpolation_curve
-from .matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
-from .metrics import (feature_averaging, find_taps, layer_metrics, layer_summary, principal_angles, stitching_errors,
+from .. import cache, data
+from ..interpolate import interpolation_curve
+from ..matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
+from ..metrics import (feature_averaging, find_taps, layer_metrics, layer_summary, principal_angles, stitching_errors,
                       weight_principal_angles, weight_spectra)
 from .pairs import (STATS_BATCH, SUBSET_SEEDS, SettingModels, build_pairs, calibration, eval_splits, pair_perms,
                     train_models)
-from .permutation import apply_permutation, identity_perms, random_perms
+from ..permutation import apply_permutation, identity_perms, random_perms
 from .profiles import SEEDS, Setting, setting_hash
-from .train import dataset_on, get_or_train
-from .runtime import default_device
+from ..train import dataset_on, get_or_train
+from ..runtime import default_device
 from .width import TABLES as WIDTH_TABLES
 
 LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)

@@ -21,17 +21,17 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from . import cache, data
+from .. import cache, data
 from . import sweep as engine
-from .interpolate import barriers, interpolation_curve
-from .matching import activation_matching, covariance_weight_matching, weight_matching
-from .metrics import layer_metrics, layer_summary
-from .neurons import input_moments, matching_distances, neuron_dimensions
+from ..interpolate import barriers, interpolation_curve
+from ..matching import activation_matching, covariance_weight_matching, weight_matching
+from ..metrics import layer_metrics, layer_summary
+from ..neurons import input_moments, matching_distances, neuron_dimensions
 from .pairs import STATS_BATCH, SUBSET_SEEDS
-from .permutation import apply_permutation, identity_perms
-from .recipes import Recipe
-from .runtime import default_device
-from .train import dataset_on, get_or_train, new_state
+from ..permutation import apply_permutation, identity_perms
+from ..recipes import Recipe
+from ..runtime import default_device
+from ..train import dataset_on, get_or_train, new_state
 
 METHODS = ("naive", "wm", "swm", "am")  # swm: Ferbach et al.'s covariance-weighted weight matching
 MATCHED = ("wm", "swm", "am")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .runtime import default_device, repo_root
+from ..runtime import default_device, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
     "lmc": ["setting", "pair", "correction", "split", "alpha", "loss", "error"],

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cache, data
-from .matching import activation_matching, commutativity_matching, ste_matching, weight_matching
-from .permutation import apply_permutation
+from .. import cache, data
+from ..matching import activation_matching, commutativity_matching, ste_matching, weight_matching
+from ..permutation import apply_permutation
 from .profiles import SEEDS, Setting
-from .runtime import default_device
-from .train import dataset_on, get_or_train, model_config, spawn_point
+from ..runtime import default_device
+from ..train import dataset_on, get_or_train, model_config, spawn_point
 
 # Each fixed random subset has its own seed, so changing the size of one leaves the others as they were.
 SUBSET_SEEDS = {"activation_matching": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
@@ -146,7 +146,7 @@ def eval_splits(setting: Setting, device=None) -> dict[str, data.Dataset]:
 
 def calibration(setting: Setting, device=None) -> list:
     """The setting's calibration batches: training data, without augmentation, for BN reset and REPAIR."""
-    from .interpolate import calibration_batches
+    from ..interpolate import calibration_batches
 
     device = device or default_device()
     ds = dataset_on(setting.recipe.dataset, "train", str(device)).subset(setting.calibration_samples,

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from . import cache
-from .runtime import configure_threads, progress
+from .. import cache
+from ..runtime import configure_threads, progress
 
 KIND = "sweep"  # cache folder of the cells' results
 

@@ -397,7 +397,7 @@ def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame,
 # --------------------------------------------------------------------------------------- chapter 6
 def cm_claims(lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list[dict]:
     """`lmc` / `conditions`: chapters 1 and 3's tables with the CM pair's rows added."""
-    from .interpolate import barriers
+    from ..interpolate import barriers
 
     rows, margin = [], tolerance("cm_margin", profile)
     half = conditions[(conditions.alpha == 0.5) & (conditions.kind == "linear") & (conditions.dist_h > 0)]
@@ -444,7 +444,7 @@ def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
 
 def spawn_barriers(spawn_lmc: pd.DataFrame) -> pd.DataFrame:
     """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `CONVENTION`."""
-    from .interpolate import barriers
+    from ..interpolate import barriers
 
     by_epoch = checked(spawn_lmc).drop(columns="pair").rename(columns={"spawn_epoch": "pair"})
     return barriers(by_epoch).rename(columns={"pair": "spawn_epoch"})

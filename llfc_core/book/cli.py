@@ -1,0 +1,48 @@
+"""Headless runs: compute the book's tables without rendering it.
+
+    python -m llfc_core run --profile cpu                    # every table of every chapter
+    python -m llfc_core run --profile cpu --settings mnist-mlp,cifar10-mlp --recompute
+
+Tables go to results/<profile>/ with the manifest, as when the chapters compute them; settings whose
+committed rows match their configuration are read, not recomputed (unless --recompute). Afterwards
+`make book` renders from those tables.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import chapter
+from .tables import CHAPTER_TABLES, TABLES, table_settings
+
+
+def run(profile: str | None, settings: str | None, recompute: bool, chapters: list[str]) -> None:
+    for name in chapters:
+        ch = chapter.start(name, profile, settings, recompute)
+        for table in CHAPTER_TABLES[name]:
+            covered = table_settings(table, ch.settings)
+            if covered != []:  # a table no chosen setting is part of (the spawn study) is skipped
+                ch.table(table, TABLES[table], settings=covered)
+        ch.report()  # records the chapter's minutes when it computed something
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llfc_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="compute every table of the chosen chapters into results/<profile>/")
+    p.add_argument("--profile", default=None, help="smoke, cpu or paper (default: $LLFC_PROFILE, else by device)")
+    p.add_argument("--settings", default=None, help="comma-separated setting names (default: all of the profile)")
+    p.add_argument("--chapters", default=",".join(CHAPTER_TABLES), help="comma-separated chapter names")
+    p.add_argument("--recompute", action="store_true", help="recompute even where committed rows match")
+    args = parser.parse_args(argv)
+    chapters = [c.strip() for c in args.chapters.split(",") if c.strip()]
+    unknown = sorted(set(chapters) - set(CHAPTER_TABLES))
+    if unknown:
+        parser.error(f"unknown chapters {unknown}; choose from {sorted(CHAPTER_TABLES)}")
+    run(args.profile, args.settings, args.recompute, chapters)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
