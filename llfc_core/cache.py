@@ -18,15 +18,19 @@ from safetensors.torch import load_file, save_file
 
 from .runtime import cache_root
 
-CODE_VERSION = 1  # bump when a change alters trained weights or computed results
 
 
 class CacheError(RuntimeError):
     """A cache entry is corrupt or does not match what was asked for; the message says how to fix it."""
 
 
-def config_hash(config: dict) -> str:
-    blob = json.dumps({"config": config, "code_version": CODE_VERSION}, sort_keys=True, default=str)
+def config_hash(config: dict, version: int = 1) -> str:
+    """The key of an artefact: its configuration and the version of the code that makes it. Each kind of
+    artefact has its own version (models: `train.MODEL_VERSION`, permutations: `book.pairs.PERMS_VERSION`,
+    each table: its `book.tables.Producer.version`, sweep cells: `book.width.CELL_VERSION`), so bumping
+    one recomputes that artefact and nothing it does not depend on. (Before versions were per artefact
+    one global version 1 keyed everything; version 1 hashes are unchanged.)"""
+    blob = json.dumps({"config": config, "code_version": version}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -103,9 +107,10 @@ def load_model(folder: Path, device=None) -> tuple[torch.nn.Module, dict]:
 
 
 # -------------------------------------------------------------------------------- tensors and tables
-def get_or_compute_tensors(kind: str, config: dict, compute, root: Path | None = None) -> dict[str, torch.Tensor]:
-    """Tensors (e.g. permutations) cached by config; `compute()` returns a dict of tensors."""
-    folder = entry_dir(kind, config_hash(config), root)
+def get_or_compute_tensors(kind: str, config: dict, compute, root: Path | None = None,
+                           version: int = 1) -> dict[str, torch.Tensor]:
+    """Tensors (e.g. permutations) cached by (config, version); `compute()` returns a dict of tensors."""
+    folder = entry_dir(kind, config_hash(config, version), root)
     if has_entry(folder):
         return read_entry(folder, ("tensors",))[0]["tensors"]
     tensors = compute()
@@ -113,11 +118,11 @@ def get_or_compute_tensors(kind: str, config: dict, compute, root: Path | None =
     return tensors
 
 
-def get_or_compute_frame(kind: str, config: dict, compute, root: Path | None = None):
-    """A pandas DataFrame cached as CSV by config; `compute()` returns the frame."""
+def get_or_compute_frame(kind: str, config: dict, compute, root: Path | None = None, version: int = 1):
+    """A pandas DataFrame cached as CSV by (config, version); `compute()` returns the frame."""
     import pandas as pd
 
-    folder = entry_dir(kind, config_hash(config), root)
+    folder = entry_dir(kind, config_hash(config, version), root)
     if has_entry(folder) and (folder / "table.csv").exists():
         return pd.read_csv(folder / "table.csv")
     frame = compute()

@@ -44,9 +44,11 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def calibration_batches(ds: data.Dataset, device, num_samples: int = 5000, batch_size: int = 500, seed: int = 0):
-    """A fixed random subset of training data, without augmentation, for statistics."""
-    return list(data.batches(ds.subset(num_samples, seed), batch_size, device=device))
+def calibration_batches(ds: data.Dataset, device, batch_size: int = 500):
+    """All of `ds` (training data the caller has already subset), without augmentation, as batches for
+    statistics. It takes no sample count of its own: an earlier version re-subset to 5000, silently
+    cutting any larger calibration set."""
+    return list(data.batches(ds, batch_size, device=device))
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from .interpolate import interpolate
-from .matching import solve_assignment
+from .matching import float_entries, solve_assignment, weight_matching_objective
 from .metrics import LOGITS, find_taps
-from .permutation import identity_perms
+from .permutation import identity_perms, permute_param
 
 
 @torch.no_grad()
@@ -79,31 +79,31 @@ def layer_metrics_materialised(model_a, model_b, x: torch.Tensor, alphas=(0.25, 
 
 def weight_matching_naive(spec, state_a: dict, state_b: dict, *, max_sweeps: int = 100, seed: int = 0):
     """Weight matching as in the published ports: every step permutes B's tensors anew and rebuilds the
-    whole cost matrix from scratch. Returns (perms, objective after each sweep)."""
-    from .matching import _float_entries, weight_matching_objective
-    from .permutation import permute_param
-
-    a, b = _float_entries(spec, state_a), _float_entries(spec, state_b)
+    whole cost matrix from scratch, on the device of A's tensors. Returns (perms, objective after each sweep)."""
+    a = float_entries(spec, state_a)
+    device = next(iter(a.values())).device
+    b = {k: v.to(device) for k, v in float_entries(spec, state_b).items()}
     sizes = spec.sizes(state_a)
-    perms = identity_perms(sizes)
+    perms = identity_perms(sizes, device)
     rng = np.random.default_rng(seed)
     history = [weight_matching_objective(spec, perms, a, b)]
     for _ in range(max_sweeps):
         improved = False
         for p in rng.permutation(sorted(sizes)):
             n = sizes[p]
-            cost = torch.zeros(n, n, dtype=torch.float64)
+            cost = torch.zeros(n, n, dtype=torch.float64, device=device)
             for k, ax in spec.perm_to_axes[p]:
                 if k not in a:
                     continue
                 w_a = torch.movedim(a[k], ax, 0).reshape(n, -1)
                 w_b = torch.movedim(permute_param(spec, perms, b, k, except_axis=ax), ax, 0).reshape(n, -1)
                 cost += (w_a @ w_b.T).double()
-            new = solve_assignment(cost)
-            old_value = cost[torch.arange(n), perms[p]].sum()
-            if cost[torch.arange(n), new].sum() > old_value + 1e-12 * max(1.0, abs(old_value.item())):
+            new = solve_assignment(cost).to(device)
+            rows = torch.arange(n, device=device)
+            old_value = cost[rows, perms[p]].sum()
+            if cost[rows, new].sum() > old_value + 1e-12 * max(1.0, abs(old_value.item())):
                 perms[p], improved = new, True
         history.append(weight_matching_objective(spec, perms, a, b))
         if not improved:
             break
-    return perms, history
+    return {p: v.cpu() for p, v in perms.items()}, history

@@ -193,9 +193,12 @@ def test_an_explanation_no_failing_check_uses_is_an_error():
     claims.review(rows, "cpu", {("lmc.barrier", "mnist-mlp", "spawn"): "for another run"})
 
 
-def test_committed_explanations_name_real_claims():
-    for profile, deviations in claims.DEVIATIONS.items():
-        for claim_id, setting, pair in deviations:
+def test_committed_explanations_name_real_claims(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("LLFC_RESULTS", str(Path(__file__).resolve().parent.parent / "results"))
+    for profile in ("smoke", "cpu", "paper"):
+        for claim_id, setting, pair in claims.read_deviations(profile):
             assert claim_id in claims.CLAIMS, claim_id
             # chapter 5's rows name a sweep's method (width.METHODS) or "all" (a check over every method)
             allowed = claims.LMC_PAIRS.get(setting, ()) + ("naive", "wm", "am", "ste", "cm", "wm/am") + width.METHODS + ("all",)
@@ -260,3 +263,104 @@ def test_spawn_claim_passes_when_llfc_and_lmc_arrive_together_and_fails_otherwis
     assert verdict(claims.spawn_claims(*spawn_frames(), "cpu"), "spawn.together")
     assert not verdict(claims.spawn_claims(*spawn_frames(llfc_from=2), "cpu"), "spawn.together")
     assert not verdict(claims.spawn_claims(*spawn_frames(lmc_from=3), "cpu"), "spawn.together")
+
+
+# ------------------------------------------------------- what the chapters show beside their checks
+# The notebooks call these instead of computing their tables themselves (tests/test_notebooks.py), and the
+# claims call them too, so the number in a chapter's table is the number its check holds to the tolerance.
+def test_lemma1_gives_every_pair_its_premise_and_chapter2_the_same_rows():
+    rows = claims.lemma1(llfc_frame(naive_logits=0.5), lmc_curve(), "cpu")
+    assert [(r["pair"], r["claim"]) for r in rows] == [("spawn", "lemma1.premise"), ("spawn", "lemma1.bound"),
+                                                       ("naive", "lemma1.premise")]  # no premise, no bound
+    assert rows[0]["value"] == pytest.approx(0.01) and not rows[2]["passed"]
+    in_chapter2 = [r for r in chapter2(naive_logits=0.5) if r["claim"].startswith("lemma1.")]
+    assert in_chapter2 == rows[:2]  # chapter 2 holds the LMC pairs to the same rows
+
+
+def test_beside_naive_is_the_naive_pair_at_the_same_layer_and_alpha():
+    frame = llfc_frame()
+    frame.loc[frame.pair == "naive", "cos_dist"] = range(len(LAYERS) * len(ALPHAS))
+    out = claims.beside_naive(frame).set_index(["pair", "layer", "alpha"]).sort_index()
+    naive = frame[frame.pair == "naive"].set_index(["layer", "alpha"]).cos_dist.sort_index()
+    assert (out.loc["spawn", "naive cos_dist"] == naive).all() and (out.loc["naive", "naive cos_dist"] == naive).all()
+
+
+def test_both_conventions_keeps_the_settings_with_a_second_convention():
+    frame = pd.concat([barrier_table().assign(correction="none"),
+                       barrier_table().assign(correction="bn_reset", setting="x"),
+                       barrier_table().assign(correction="none", setting="x"),
+                       barrier_table().assign(correction="none", setting="mnist-mlp")])
+    assert set(claims.both_conventions(frame).setting) == {"x"}
+    assert set(claims.both_conventions(frame[frame.setting == "x"]).correction) == {"none", "bn_reset"}
+    assert claims.both_conventions(barrier_table()).empty  # no conventions at all
+
+
+def test_theorem1_layers_is_layer_summary_per_pair_with_the_residual():
+    llfc = pd.DataFrame([{"setting": "s", "pair": pair, "layer": layer, "depth": depth, "alpha": alpha,
+                          "cos_dist": 0.1, "cos_dist_baseline": 0.2, "scale_c": 1.0, "thm1_dist": k * depth + alpha}
+                         for k, pair in enumerate(("spawn", "naive"), 1) for depth, layer in ((1, "relu1"), (2, "logits"))
+                         for alpha in (0.25, 0.5)])
+    conditions = pd.DataFrame(
+        [{"setting": "s", "pair": pair, "layer": "relu1", "kind": "relu", "depth": 1, "alpha": 0.5, "dist_sigma": k}
+         for k, pair in enumerate(("spawn", "naive"), 1)]
+        + [{"setting": "s", "pair": pair, "layer": op, "kind": "linear", "depth": depth, "alpha": 0.5, "dist_com": com * k}
+           for k, pair in enumerate(("spawn", "naive"), 1) for op, depth, com in (("fc1", 1, 0.0), ("fc2", 2, 0.3),
+                                                                                   ("shortcut", 2, 0.7))])
+    view = claims.theorem1_layers(llfc, conditions, alpha=0.5).set_index(["pair", "layer"])
+    assert len(view) == 4 and view.loc[("naive", "relu1"), "dist_sigma"] == 2
+    assert view.loc[("spawn", "logits"), "dist_com"] == pytest.approx(0.7)   # the largest op feeding the layer
+    assert view.loc[("naive", "logits"), "dist_com"] == pytest.approx(1.4)
+    assert pd.isna(view.loc[("spawn", "logits"), "dist_sigma"])             # the logits have no ReLU
+    assert view.loc[("naive", "logits"), "thm1_dist"] == pytest.approx(4.5)
+
+
+def test_averaging_changes_are_what_the_claim_holds_to_the_gap():
+    changes = claims.averaging_changes(averaging_frame(lmc_change=0.05, naive_ensemble=0.3))
+    assert "weights" not in set(changes.layer)
+    assert changes[changes.pair == "wm"]["error change"].to_numpy() == pytest.approx(0.05)
+    naive = changes[changes.pair == "naive"].set_index(["layer", "alpha"])["error change"]
+    assert naive.loc["logits"].to_numpy() == pytest.approx(-0.3) and naive.loc["relu1"].to_numpy() == pytest.approx(0.0)
+
+
+def test_first_llfc_epochs_and_an_empty_spawn_study():
+    _, layers = spawn_frames(llfc_from=2)
+    first = claims.first_llfc_epochs(layers.assign(depth=layers.layer.map({l: i for i, l in enumerate(LAYERS, 1)})), "cpu")
+    assert first.iloc[:, 0].tolist() == [2] * len(LAYERS)
+    assert claims.spawn_llfc(layers, "cpu").groupby("spawn_epoch").llfc.mean().tolist() == [0.0, 0.0, 1.0]
+    # a run whose settings the spawn study does not cover reads empty tables: no rows, no error
+    assert claims.spawn_barriers(pd.DataFrame()).empty and claims.spawn_claims(pd.DataFrame(), pd.DataFrame(), "cpu") == []
+
+
+def _sweep_tables(slope=-0.5, llfc_slope=-0.3):
+    """A width sweep 'w' (barrier = width^slope, worst cos_dist = width^llfc_slope) and a one-width sweep 'lr'."""
+    lmc, layers = [], []
+    for setting, widths in (("w", (16, 64, 256)), ("lr", (512,))):
+        for width_ in widths:
+            for method in ("wm", "am"):
+                cell = {"setting": setting, "hidden_layers": 1, "width": width_, "lr": 0.1, "replicate": 0, "method": method}
+                lmc.append({**cell, "split": "test", "loss_barrier": width_ ** slope, "error_barrier": 0.1,
+                            "error_ends": 0.25})
+                layers += [{**cell, "layer": "relu1", "cos_dist": width_ ** llfc_slope},
+                           {**cell, "layer": "logits", "cos_dist": width_ ** llfc_slope / 2}]
+    return pd.DataFrame(lmc), pd.DataFrame(layers)
+
+
+def test_chapter5_tables_beside_its_checks():
+    lmc, layers = _sweep_tables()
+    wide = width.swept(lmc, "width")
+    assert set(wide.setting) == {"w"} and width.swept(lmc, "lr").empty
+    rates = pd.DataFrame({"setting": "w", "hidden_layers": 1, "layer": ["fc1", "fc1", "head"], "norm": ["plain", "sigma", "plain"],
+                          "slope": [0.1, -0.3, -0.2], "rate": [-0.01, -0.25, -0.5], "dimension": [100.0, 4.0, 2.0]})
+    table = width.slopes_vs_theory(wide, rates)
+    assert table.loc[("w", "loss_barrier"), "wm"] == pytest.approx(-0.5)
+    assert table.loc[("w", "loss_barrier"), "-1/d, sigma"] == pytest.approx(-0.25)  # the head is no hidden layer
+    said = width.rate_verdicts(rates)
+    assert said[0].startswith("w, plain norm") and "fc1 +0.100 vs -0.0100 (d = 100.0, rises)" in said[0]
+    assert "fc1 -0.300 vs -0.2500 (d = 4.0, falls, at least at the rate)" in said[1]
+    assert width.endpoint_accuracy(wide).loc[16, "w"] == pytest.approx(0.75)
+    slopes = width.llfc_slopes(layers, lmc).loc[("w", "am")]
+    assert slopes["slope of the worst layer's cos_dist"] == pytest.approx(-0.3)
+    assert slopes["slope of the loss barrier"] == pytest.approx(-0.5)
+    cost = pd.DataFrame({"method": ["wm", "swm", "am"], "dist_plain": [1.0, 2.0, 3.0], "dist_sigma": [4.0, 5.0, 6.0]})
+    best = width.best_cost(cost)
+    assert list(zip(best.norm, best.cost)) == [("plain", 1.0), ("sigma", 5.0)]

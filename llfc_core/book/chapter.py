@@ -30,24 +30,29 @@ class Chapter:
     recompute: bool = False
     started: float = field(default_factory=time.time)
     checks: list = field(default_factory=list)  # claim rows (`llfc_core.claims`), reviewed at the end
-    deviations: dict | None = None  # None: `claims.DEVIATIONS` of the profile (tests pass their own)
+    deviations: dict | None = None  # None: `claims.read_deviations(profile)` (tests pass their own)
     computed: bool = False  # did this run compute any table (rather than read committed results)?
     tables: list = field(default_factory=list)  # the tables this chapter read, in order
     figures: int = 0
 
-    def table(self, table: str, compute, settings: list | None = None) -> pd.DataFrame:
-        """The chapter's rows of `table` (of `settings`, default all the chapter's): committed where their
-        configuration is unchanged, else `compute(setting)`."""
-        from .tables import results_hash
+    def table(self, table: str, settings: list | None = None, **options) -> pd.DataFrame:
+        """The chapter's rows of `table` (`tables.TABLES`) for `settings` (default: all the chapter's that the
+        table covers): committed where their configuration is unchanged, else computed by the table's
+        producer (`options` go to it, e.g. chapter 5's `ray_address`)."""
+        from .tables import compute_table, results_hash, table_settings
 
-        # what each row set depends on and what the manifest records of it: a sweep (chapter 5) says both
-        # itself, a setting through its table's hash and `pairs.provenance`
-        records = {name: (s.results_hash(), s.provenance) if isinstance(s, Sweep)
-                   else (results_hash(table, s), partial(provenance, s))
-                   for name, s in self.settings.items() if settings is None or name in settings}
-        frame = results.load_or_compute(self.profile, table, {name: h for name, (h, _) in records.items()},
-                                        lambda name: compute(self.settings[name]), lambda name: records[name][1](),
-                                        recompute=self.recompute)
+        covered = table_settings(table, self.settings)
+        chosen = [name for name in self.settings if (settings is None or name in settings)
+                  and (covered is None or name in covered)]
+        # what the manifest records of each row set: a sweep (chapter 5) says it itself, a setting through
+        # `pairs.provenance`
+        if not chosen:
+            return pd.DataFrame()
+        describe = {name: s.provenance if isinstance(s, Sweep) else partial(provenance, s)
+                    for name, s in self.settings.items() if name in chosen}
+        frame = results.load_or_compute(self.profile, table, {name: results_hash(table, self.settings[name]) for name in chosen},
+                                        lambda name: compute_table(table, self.settings[name], **options),
+                                        lambda name: describe[name](), recompute=self.recompute)
         self.computed |= bool(frame.attrs.get("computed"))
         if table not in self.tables:
             self.tables.append(table)

@@ -2,8 +2,8 @@
 
 A row is one claim for one (setting, pair[, split]): the measured value, the tolerance it is held to,
 and whether it passed. Tolerances live in `TOLERANCES` (per profile where the profile changes them),
-the pairs the paper calls linearly connected in `LMC_PAIRS`, and every explained deviation in
-`DEVIATIONS`, keyed by (claim id, setting, pair). `review` turns rows into statuses and refuses a
+the pairs the paper calls linearly connected in `LMC_PAIRS`, and every explained deviation beside the
+results it explains (`results/<profile>/deviations.json`, keyed by claim id, setting and pair). `review` turns rows into statuses and refuses a
 deviation that no failing row uses, so an explanation cannot outlive the result it explains.
 
 Each criterion was chosen to separate what the paper says differs (LMC pairs from naive pairs) and is
@@ -93,114 +93,22 @@ CLAIMS = {c.id: c for c in [
     Claim("match.alignment_dominates", "most of the drop in Dist_com comes from how the two difference matrices line up, not from either gap", "this book, Ch. 4"),
 ]}
 
-# Explained deviations: (claim id, setting, pair) -> why, written from the data of that profile.
-_CIFAR_MLP = ("The cpu CIFAR-10 MLP is trained for 10 SGD epochs (about 57 % test accuracy, 16 % train error: "
-              "it memorises its training images). ")
-_MNIST_C = ("c grows with depth in every matched MNIST pair (about 1.02 at relu1 to 1.25-1.45 at the logits, "
-            "table above): the interpolated network's features are smaller than the interpolated features, "
-            "and the shrinkage compounds layer by layer - the variance collapse that REPAIR (Jordan et al. 2023) "
-            "corrects. The naive pair collapses much faster (c up to 8.4), the spawned pair not at all (c <= 1.01).")
-_MNIST_LLFC = ("The level holds in every layer (cos_dist <= 0.031); what fails is the ratio to the naive pair at "
-               "alpha = 0.25 / 0.75 in one layer ({layer}: {ratio}). Away from the midpoint the naive pair's "
-               "cos_dist shrinks by about 2.8x (0.160 to 0.058 at relu2) and the matched pair's only by 2x, so "
-               "the ratio rises there; at alpha = 0.5 it is below 0.25 in every layer.")
-_WIDTH_CPU = ("The cpu sweeps train each network for 80 SGD steps on 10,000 images, far from convergence: the "
-              "trained clouds keep most of their random initialisation (plain participation ratio of A's hidden "
-              "clouds at width 2048: 529 of 567 at init with one hidden layer, 645 of 872 with three). ")
-_NAIVE_DEPTH1 = _WIDTH_CPU + (
-    "With one hidden layer the naive pair connects by itself as width grows: its test error barrier falls from "
-    "35.7 points at width 16 to 1.6 at 2048 (loss barrier 0.98 to 0.29), so no method can beat it by 2 points "
-    "there; matching still divides it by about 3 ({method}: {value} points at 2048). With three hidden layers the naive "
-    "barrier stays at 25-70 points at every width and the claim passes.")
-_UNTRAINED_LR = ("At peak rates 1e-4 and 1e-3 the 3x512 networks do not train in 200 steps (test error 88 % and 46 %): "
-                 "their hidden clouds keep the dimension of their initialisation (273.6) and their midpoints lose "
-                 "almost nothing because the endpoints predict nearly uniformly (WM loss barrier 0.005 and 0.070). ")
-DEVIATIONS: dict[str, dict[tuple, str]] = {"paper": {}, "smoke": {}, "cpu": {
-    ("lmc.barrier", "cifar10-mlp", "spawn"): _CIFAR_MLP + (
-        "On test the spawned pair is connected (0.04 points); on train the midpoint loses part of what each "
-        "child memorised after the split, a 5.1-point train barrier."),
-    ("lmc.barrier", "cifar10-mlp", "wm"): _CIFAR_MLP + (
-        "After weight matching the test barrier is 4.4 points and the train barrier 19.3: the matched pair is "
-        "connected on the part of the data both networks generalise to, not on what each memorised. The "
-        "naive barrier (37.7 test / 62.4 train) shows how much matching still removes."),
-    ("lmc.barrier", "cifar10-mlp", "am"): _CIFAR_MLP + (
-        "After activation matching the test barrier is 3.8 points and the train barrier 18.9, for the same "
-        "reason as WM: memorised training images do not survive the midpoint."),
-    ("llfc.layers", "mnist-mlp", "wm"): _MNIST_LLFC.format(layer="relu2", ratio="0.268"),
-    ("llfc.layers", "mnist-mlp", "ste"): _MNIST_LLFC.format(layer="relu2", ratio="0.269"),
-    ("llfc.layers", "mnist-mlp", "am"): _MNIST_LLFC.format(layer="logits", ratio="0.310"),
-    ("llfc.scale_c", "mnist-mlp", "wm"): _MNIST_C,
-    ("llfc.scale_c", "mnist-mlp", "am"): _MNIST_C,
-    ("llfc.scale_c", "mnist-mlp", "ste"): _MNIST_C,
-    ("llfc.layers", "cifar10-mlp", "wm"): _CIFAR_MLP + (
-        "The matched pair's cos_dist is 0.024 at relu1 but 0.08-0.12 deeper, above the level; it is still "
-        "2.5-8x below the naive pair's. These pairs are not LMC on train either (lmc.barrier)."),
-    ("llfc.layers", "cifar10-mlp", "am"): _CIFAR_MLP + (
-        "The matched pair's cos_dist is 0.016 at relu1 but 0.06-0.08 deeper, above the level; it is still "
-        "4-10x below the naive pair's. These pairs are not LMC on train either (lmc.barrier)."),
-    ("llfc.scale_c", "cifar10-mlp", "wm"): _CIFAR_MLP + "c rises with depth to 1.36 at relu3: the variance "
-        "collapse of the matched MNIST pairs (see that row), larger in a pair that is not LMC on train.",
-    ("llfc.scale_c", "cifar10-mlp", "am"): _CIFAR_MLP + "c rises with depth to 1.33 at relu3: the variance "
-        "collapse of the matched MNIST pairs (see that row), larger in a pair that is not LMC on train.",
-    ("lemma1.premise", "cifar10-mlp", "wm"): _CIFAR_MLP + (
-        "The logits' cos_dist is 0.078, above the premise's level, so Lemma 1 does not apply; the naive "
-        "pair's is 0.61."),
-    ("lemma1.premise", "cifar10-mlp", "am"): _CIFAR_MLP + (
-        "The logits' cos_dist is 0.062, above the premise's level, so Lemma 1 does not apply; the naive "
-        "pair's is 0.61."),
-    ("stitch.lmc", "cifar10-mlp", "wm"): _CIFAR_MLP + (
-        "Feeding A's relu1 features into pi(B) gives 54 % test error against 43 % at the endpoints: the "
-        "matched first layers are close (cos_dist 0.024) but not interchangeable in a pair that is not LMC "
-        "on train."),
-    ("stitch.lmc", "cifar10-mlp", "am"): _CIFAR_MLP + (
-        "Feeding A's relu1 features into pi(B) gives 56 % test error against 43 % at the endpoints, as for WM."),
-    ("cm.com_lower", "cifar10-mlp", "cm"): (
-        "CM starts from the better of WM and AM by its own objective, here AM's (1.977 against WM's 2.218), and "
-        "its first sweep found no move that lowered it by 1 %: CM returned AM's permutation, so its test "
-        "Dist_com equals AM's (0.3145), not below it. On MNIST CM moved AM's start by 0.04 % (0.8476 vs "
-        "0.8480); on ResNet-20 it lowered the objective 4 % below AM's and the test Dist_com to 0.31 from "
-        "WM's 0.56. Activation matching is close to a fixed point of the commutativity descent."),
-    ("average.interchangeable", "cifar10-mlp", "wm"): _CIFAR_MLP + (
-        "Averaging the features at relu2 / relu3 or the logits errs 4.6-5.4 points *less* than theta_alpha "
-        "at alpha = 0.5 (the ensemble: 41.6 % against 47.0 %); at relu1 they agree within 0.4 points. The "
-        "weight-averaged network is not the feature-averaged one beyond the first layer, as its "
-        "llfc.layers row says, and the gap is about its 4.4-point test barrier."),
-    ("average.interchangeable", "cifar10-mlp", "am"): _CIFAR_MLP + (
-        "As for WM: feature averaging at relu2 / relu3 or the logits errs 3.8-4.8 points less than theta_alpha "
-        "at alpha = 0.5 (41.6 % against 46.4 %), about its 3.8-point test barrier."),
-    ("width.matching_needed", "mnist-depth1", "wm"): _NAIVE_DEPTH1.format(method="WM", value="0.55"),
-    ("width.matching_needed", "mnist-depth1", "swm"): _NAIVE_DEPTH1.format(method="Sigma-WM", value="0.48"),
-    ("width.matching_needed", "mnist-depth1", "am"): _NAIVE_DEPTH1.format(method="AM", value="0.58"),
-    ("width.sigma_wm", "mnist-depth1", "swm"): (
-        "With one hidden layer plain WM leaves the smaller loss barrier up to width 256 (0.078 vs 0.095 at 16, "
-        "0.020 vs 0.023 at 256) and Sigma-WM from 512 on (0.017 vs 0.033 at 2048), where WM's barrier rises "
-        "again; over the sweep Sigma-WM's mean is 10 % above WM's. With three hidden layers, on CIFAR-10 and "
-        "across learning rates Sigma-WM's mean is 20-71 % below WM's."),
-    ("width.barrier_falls", "mnist-depth3", "wm"): _WIDTH_CPU + (
-        "Plain WM's barrier is U-shaped: 0.46 at width 16, 0.14 at 128, 0.42 at 2048 (slope +0.00), while "
-        "Sigma-WM's and AM's fall all the way (slopes -0.41 and -0.36). WM compares neurons by their weights, "
-        "which at large width are mostly initial noise: its plain matching cost rises with width towards "
-        "sqrt(2), the cost of two unrelated clouds (1.07-1.11 at 16, 1.33-1.36 at 2048), and the dimension of "
-        "those clouds (451-793) makes the rate m^(-1/d) flat. Sigma-WM and AM compare what neurons do on the data."),
-    ("width.barrier_falls", "cifar10-depth3", "wm"): _WIDTH_CPU + (
-        "On CIFAR-10 plain WM's barrier rises with width (0.14 at 64, 0.22 at 256, 0.34 at 1024; slope +0.33) "
-        "while Sigma-WM's and AM's fall (slopes -0.15 and -0.18), for the reason given for the MNIST 3-layer "
-        "sweep: WM matches the initial noise that dominates the wide layers' weights."),
-    ("width.dimension_barrier", "mnist-lr", "wm"): _UNTRAINED_LR + (
-        "So the two untrained rates pair the highest dimension with the lowest barriers and the correlation is "
-        "-0.50. Between the rates that train, the data agree with Ferbach et al.: from 0.01 to 0.1 the dimension "
-        "falls from 264.9 to 112.1 and WM's loss barrier from 0.71 to 0.08. Claim checked at `paper` (whole "
-        "training set, 20 epochs)."),
-    ("width.llfc_follows_lmc", "mnist-lr", "all"): _UNTRAINED_LR + (
-        "Their worst-layer cos_dist is nonetheless 0.07-0.53 (features of untrained networks are not "
-        "interpolated either), so barrier and LLFC part there and the correlation is 0.41. Across widths, where "
-        "the networks are trained, it is 0.67-0.90."),
-    ("match.com_drop", "cifar10-resnet20", "wm"): (
-        "Weight matching does not connect ResNet-20 x1 (its test-error barrier stays above 30 points, "
-        "chapter 1): it lowers the median Dist_com from 0.94-1.00 to 0.56, not to half. Git Re-Basin needs "
-        "wide ResNets for weight matching to work; the paper's WM setting is the x32 LayerNorm ResNet-20, "
-        "run only at the paper profile."),
-}}
+def read_deviations(profile: str) -> dict[tuple, str]:
+    """Explained deviations of a profile's results: (claim id, setting, pair) -> why, written from the data.
+    They are data about results, so they live beside them: `results/<profile>/deviations.json`."""
+    import json
+
+    from .results import results_dir
+
+    path = results_dir(profile) / "deviations.json"
+    if not path.exists():
+        return {}
+    try:
+        rows = json.loads(path.read_text())["deviations"]
+        return {(r["claim"], r["setting"], r["pair"]): r["explanation"] for r in rows}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ClaimError(f"{path} is not a deviations file ({type(e).__name__}: {e}); each entry needs "
+                         "claim, setting, pair and explanation") from e
 
 
 class ClaimError(ValueError):
@@ -222,6 +130,22 @@ def _lmc(setting: str, pair: str) -> bool:
 def checked(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows the claims are checked on: those under `CONVENTION` (frames without conventions: all)."""
     return frame[frame.correction == CONVENTION] if "correction" in frame.columns else frame
+
+
+def both_conventions(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the settings reported under a convention besides `CONVENTION` (the BatchNorm settings,
+    whose `bn_reset` rows the chapters set beside the paper's), every convention included."""
+    if "correction" not in frame.columns:
+        return frame.iloc[:0]
+    return frame[frame.setting.isin(frame[frame.correction != CONVENTION].setting.unique())]
+
+
+def beside_naive(frame: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
+    """`frame` (one row per setting, pair, layer[, alpha]) with the naive pair's `column` at the same
+    setting, layer and alpha beside every row, as `naive <column>`: what the LLFC claims compare with."""
+    keys = [k for k in ("setting", "layer", "alpha") if k in frame.columns]
+    naive = frame[frame.pair == "naive"].set_index(keys)[column].rename(f"naive {column}")
+    return frame.join(naive, on=keys)
 
 
 # --------------------------------------------------------------------------------------- chapter 1
@@ -262,9 +186,9 @@ def llfc_layers(llfc: pd.DataFrame, setting: str, pair: str, profile: str) -> pd
     layer and alpha, and whether LLFC holds there (level and ratio at every alpha)."""
     level, rel = tolerance("llfc_level", profile), tolerance("llfc_vs_naive", profile)
     llfc = checked(llfc)
-    mine = llfc[(llfc.setting == setting) & (llfc.pair == pair)].set_index(["layer", "alpha"]).cos_dist
-    naive = llfc[(llfc.setting == setting) & (llfc.pair == "naive")].set_index(["layer", "alpha"]).cos_dist
-    frame = pd.DataFrame({"cos_dist": mine, "naive": naive.reindex(mine.index)})
+    ours = beside_naive(llfc[llfc.setting == setting])
+    mine = ours[ours.pair == pair].set_index(["layer", "alpha"])
+    frame = pd.DataFrame({"cos_dist": mine.cos_dist, "naive": mine["naive cos_dist"]})
     frame["ratio"] = frame.cos_dist / frame.naive
     frame["holds"] = (frame.cos_dist <= level) & ((frame.ratio <= rel) | (pair == "naive"))
     return frame.groupby(level="layer", sort=False).agg(cos_dist=("cos_dist", "max"), ratio=("ratio", "max"),
@@ -293,21 +217,29 @@ def chapter2(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
         rows.append(_row("llfc.scale_c", setting, pair, close, share, close >= share,
                          f"|c - 1| <= {c_tol} in {close:.0%} of layers; c from {g.scale_c.min():.3f} to "
                          f"{g.scale_c.max():.3f}, furthest at {c.idxmax()}"))
-        rows += _lemma1(setting, pair, g, lmc, level)
+        rows += lemma1(g, lmc, profile)
     return rows
 
 
-def _lemma1(setting: str, pair: str, g: pd.DataFrame, lmc: pd.DataFrame, level: float) -> list[dict]:
-    logits = g[g.layer == "logits"].cos_dist.max()
-    premise = logits <= level
-    rows = [_row("lemma1.premise", setting, pair, logits, level, premise,
-                 f"logits cos_dist {logits:.4f} (max over alpha; <= {level})")]
-    curve = lmc[(lmc.setting == setting) & (lmc.pair == pair) & (lmc.split == "test")]
-    if premise and len(curve):
-        ends = curve[curve.alpha.isin([curve.alpha.min(), curve.alpha.max()])].error.max()
-        worst = curve.error.max()
-        rows.append(_row("lemma1.bound", setting, pair, worst, 2 * ends, worst <= 2 * ends,
-                         f"max test error along alpha {worst:.2%} <= 2 x {ends:.2%}"))
+def lemma1(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
+    """Lemma 1 through its premise, for every (setting, pair) of `llfc` (chapter 2's tables, checked under
+    `CONVENTION`). `lemma1.premise`: LLFC at the logits, their cos_dist (max over alpha) at most the LLFC
+    level. `lemma1.bound`, only where the premise holds and `lmc` has the pair's test curve: the worst test
+    error along alpha at most 2 max(Err_A, Err_B), the errors of the curve's endpoints. `chapter2` adds these
+    rows for the LMC pairs; chapter 2's table shows them for every pair."""
+    level, rows = tolerance("llfc_level", profile), []
+    lmc = checked(lmc)
+    for (setting, pair), g in checked(llfc).groupby(["setting", "pair"], sort=False):
+        logits = g[g.layer == "logits"].cos_dist.max()
+        premise = logits <= level
+        rows.append(_row("lemma1.premise", setting, pair, logits, level, premise,
+                         f"logits cos_dist {logits:.4f} (max over alpha; <= {level})"))
+        curve = lmc[(lmc.setting == setting) & (lmc.pair == pair) & (lmc.split == "test")]
+        if premise and len(curve):
+            ends = curve[curve.alpha.isin([curve.alpha.min(), curve.alpha.max()])].error.max()
+            worst = curve.error.max()
+            rows.append(_row("lemma1.bound", setting, pair, worst, 2 * ends, worst <= 2 * ends,
+                             f"max test error along alpha {worst:.2%} <= 2 x {ends:.2%}"))
     return rows
 
 
@@ -336,6 +268,20 @@ def chapter3(conditions: pd.DataFrame, profile: str, alpha: float = 0.5) -> list
             rows.append(_row("cond.com_vs_naive", setting, pair, com / naive_com, rel, com <= rel * naive_com,
                              f"Dist_com {com:.4f} vs naive {naive_com:.4f}"))
     return rows
+
+
+def theorem1_layers(llfc: pd.DataFrame, conditions: pd.DataFrame, alpha: float = 0.5) -> pd.DataFrame:
+    """Theorem 1 numerically, per (setting, pair) and feature layer at `alpha`: `metrics.layer_summary` (LLFC
+    there, Dist_sigma of the layer's ReLU, the largest Dist_com of the ops feeding it) with the conclusion's
+    residual `thm1_dist` beside it. `llfc` under one convention (`checked`); `conditions`: chapter 3's."""
+    from ..metrics import layer_summary
+
+    llfc, conditions = llfc[llfc.alpha == alpha], conditions[conditions.alpha == alpha]
+    frames = [layer_summary(g, conditions[(conditions.setting == setting) & (conditions.pair == pair)])
+              .assign(thm1_dist=g.thm1_dist) for (setting, pair), g in llfc.groupby(["setting", "pair"], sort=False)]
+    columns = ["setting", "pair", "depth", "layer", "thm1_dist", "dist_sigma", "dist_com", "scale_c", "cos_dist",
+               "cos_dist_baseline"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 # --------------------------------------------------------------------------------------- chapter 4
@@ -427,9 +373,8 @@ def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
     at every alpha in at least the layer share; the naive pair's ensemble must part from theta_alpha."""
     rows, gap, share = [], tolerance("average_gap", profile), tolerance("layer_share", profile)
     for (setting, pair), g in averaging.groupby(["setting", "pair"], sort=False):
-        weights = g[g.layer == "weights"].set_index("alpha").error
-        rest = g[g.layer != "weights"]
-        diff = (rest.error - rest.alpha.map(weights)).abs().groupby(rest.layer, sort=False).max()
+        changes = averaging_changes(g)
+        diff = changes["error change"].abs().groupby(changes.layer, sort=False).max()
         if pair == "naive":
             logits = diff.get("logits", float("nan"))
             rows.append(_row("average.naive_parts", setting, pair, logits, gap, logits > gap,
@@ -442,12 +387,39 @@ def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
     return rows
 
 
+def averaging_changes(averaging: pd.DataFrame) -> pd.DataFrame:
+    """The feature-averaging rows of `averaging` (every layer but 'weights', the logit ensemble included)
+    with `error change`: their error minus theta_alpha's (the 'weights' row) at the same setting, pair and
+    alpha. What `averaging_claims` holds to the gap, and what chapter 6 draws."""
+    weights = averaging[averaging.layer == "weights"][["setting", "pair", "alpha", "error"]]
+    rest = averaging[averaging.layer != "weights"]
+    changes = rest.merge(weights, on=["setting", "pair", "alpha"], how="left", suffixes=("", "_weights"))
+    return changes.assign(**{"error change": changes.error - changes.error_weights}).drop(columns="error_weights")
+
+
 def spawn_barriers(spawn_lmc: pd.DataFrame) -> pd.DataFrame:
-    """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `CONVENTION`."""
+    """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `CONVENTION`
+    (an empty study: no rows)."""
     from ..interpolate import barriers
 
+    if spawn_lmc.empty:
+        return pd.DataFrame(columns=["setting", "spawn_epoch", "split", "loss_barrier", "error_barrier"])
     by_epoch = checked(spawn_lmc).drop(columns="pair").rename(columns={"spawn_epoch": "pair"})
     return barriers(by_epoch).rename(columns={"pair": "spawn_epoch"})
+
+
+def spawn_llfc(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """`spawn_layers` with `llfc`: whether LLFC's level (cos_dist at most `llfc_level`, at alpha = 0.5)
+    holds at that layer for children spawned at that epoch."""
+    return spawn_layers.assign(llfc=spawn_layers.cos_dist <= tolerance("llfc_level", profile))
+
+
+def first_llfc_epochs(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
+    """Per (setting, depth, layer) of the spawn study: the first spawn epoch at which LLFC's level holds
+    there (`spawn_llfc`; layers where it never holds are left out)."""
+    held = spawn_llfc(spawn_layers, profile)
+    first = held[held.llfc].groupby(["setting", "depth", "layer"]).spawn_epoch.min()
+    return first.rename(f"first spawn epoch with cos_dist <= {tolerance('llfc_level', profile)}").to_frame()
 
 
 def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
@@ -455,13 +427,15 @@ def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: s
     LLFC (the level, at alpha = 0.5) holds in the layer share. (None of the epochs counts as one more
     epoch than the last studied.)"""
     rows = []
-    tol, level, share = tolerance("barrier", profile), tolerance("llfc_level", profile), tolerance("layer_share", profile)
+    tol, share = tolerance("barrier", profile), tolerance("layer_share", profile)
+    if spawn_layers.empty:  # no setting of the run is in the spawn study
+        return rows
     bar = spawn_barriers(spawn_lmc)
     bar = bar[bar.split == "test"]
-    for setting, g in spawn_layers.groupby("setting", sort=False):
+    for setting, g in spawn_llfc(spawn_layers, profile).groupby("setting", sort=False):
         epochs = sorted(g.spawn_epoch.unique())
         never = max(epochs) + 1
-        held = g.assign(ok=g.cos_dist <= level).groupby("spawn_epoch").ok.mean()
+        held = g.groupby("spawn_epoch").llfc.mean()
         b = bar[bar.setting == setting].set_index("spawn_epoch").error_barrier
         lmc_at = next((e for e in epochs if b.get(e, float("inf")) <= tol), never)
         llfc_at = next((e for e in epochs if held.get(e, 0.0) >= share), never)
@@ -479,14 +453,14 @@ def _spearman(x: pd.Series, y: pd.Series) -> float:
 
 def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, profile: str) -> list[dict]:
     """`lmc` / `layers` / `dims`: chapter 5's width_lmc / width_layers / width_dims tables (all test data).
-    Width claims need a sweep with at least 3 widths, the dimension claim one with at least 3 rates."""
-    from .width import GRID, MATCHED, fit_slopes, hidden_dimension, max_layer
+    Width claims need a sweep with at least `width.SWEPT` (3) widths, the dimension claim one with as many rates."""
+    from .width import MATCHED, SWEPT, dimension_and_barrier, fit_slopes, worst_layer
 
     rows = []
     test = lmc[lmc.split == "test"]
     slope_tol, margin, corr = tolerance("width_slope", profile), tolerance("naive_margin", profile), tolerance("rank_corr", profile)
     for setting, g in test.groupby("setting", sort=False):
-        if g.width.nunique() >= 3:
+        if g.width.nunique() >= SWEPT:
             for _, r in fit_slopes(g[g.method.isin(MATCHED)], "loss_barrier", ["hidden_layers", "method"]).iterrows():
                 rows.append(_row("width.barrier_falls", setting, r.method, r.slope, slope_tol, r.slope <= slope_tol,
                                  f"test loss barrier {r.loss_barrier_first:.3f} -> {r.loss_barrier_last:.3f} "
@@ -501,13 +475,13 @@ def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, pr
             ratio = means["swm"] / max(means["wm"], 1e-12)
             rows.append(_row("width.sigma_wm", setting, "swm", ratio, 1.0, ratio <= 1.0,
                              f"mean test loss barrier Sigma-WM {means['swm']:.3f} vs WM {means['wm']:.3f}"))
-        if g.lr.nunique() >= 3 and (g.method == "wm").any():
-            joined = hidden_dimension(dims[dims.setting == setting]).merge(g[g.method == "wm"], on=["setting"] + GRID)
+        if g.lr.nunique() >= SWEPT and (g.method == "wm").any():
+            joined = dimension_and_barrier(dims[dims.setting == setting], g)
             rho = _spearman(joined.pr_plain, joined.loss_barrier)
             rows.append(_row("width.dimension_barrier", setting, "wm", rho, corr, rho >= corr,
                              f"Spearman(dimension of A's hidden clouds, WM test loss barrier) = {rho:+.2f} "
                              f"over {len(joined)} cells"))
-        worst = max_layer(layers[layers.setting == setting]).merge(g, on=["setting"] + GRID + ["method"])
+        worst = worst_layer(layers[layers.setting == setting], g)
         if len(worst) >= 4:
             rho = _spearman(worst.cos_dist, worst.error_barrier)
             rows.append(_row("width.llfc_follows_lmc", setting, "all", rho, corr, rho >= corr,
@@ -520,7 +494,7 @@ def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, pr
 def review(rows: list[dict], profile: str, deviations: dict | None = None) -> pd.DataFrame:
     """Statuses: 'pass', 'deviates (explained)' for a failed row with an explanation for this profile,
     else 'FAIL'. An explanation that no failed row of these claims uses is an error."""
-    deviations = DEVIATIONS.get(profile, {}) if deviations is None else deviations
+    deviations = read_deviations(profile) if deviations is None else deviations
     frame = pd.DataFrame(rows, columns=["claim", "setting", "pair", "split", "value", "tolerance", "passed",
                                         "detail", "statement"])
     keys = list(zip(frame.claim, frame.setting, frame.pair))

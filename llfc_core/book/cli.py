@@ -13,16 +13,15 @@ import argparse
 import sys
 
 from . import chapter
-from .tables import CHAPTER_TABLES, TABLES, table_settings
+from .tables import CHAPTER_TABLES, table_settings
 
 
 def run(profile: str | None, settings: str | None, recompute: bool, chapters: list[str]) -> None:
     for name in chapters:
         ch = chapter.start(name, profile, settings, recompute)
         for table in CHAPTER_TABLES[name]:
-            covered = table_settings(table, ch.settings)
-            if covered != []:  # a table no chosen setting is part of (the spawn study) is skipped
-                ch.table(table, TABLES[table], settings=covered)
+            if table_settings(table, ch.settings) != []:  # a table no chosen setting is part of (the spawn study) is skipped
+                ch.table(table)
         ch.report()  # records the chapter's minutes when it computed something
 
 

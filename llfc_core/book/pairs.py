@@ -7,18 +7,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cache, data
-from ..matching import activation_matching, commutativity_matching, ste_matching, weight_matching
+from ..matching import AlignmentData, align
 from ..permutation import apply_permutation
 from .profiles import SEEDS, Setting
 from ..runtime import default_device
 from ..train import dataset_on, get_or_train, model_config, spawn_point
 
 # Each fixed random subset has its own seed, so changing the size of one leaves the others as they were.
-SUBSET_SEEDS = {"activation_matching": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
+SUBSET_SEEDS = {"statistics": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
 # Batch size for passes that only collect statistics (no gradients): large enough to be fast, small
 # enough for the float64 sums of a conv net to stay within a CPU's memory.
 STATS_BATCH = 500
 STE_BATCH = 1000  # Git Re-Basin, src/mnist_mlp_ste2.py
+PERMS_VERSION = 1  # bump when a change alters the permutations a method finds (recomputes them, not the models)
 
 
 @dataclass
@@ -83,47 +84,57 @@ def build_pairs(models: SettingModels, device=None, names: tuple | None = None) 
 
 
 def perms_config(models: SettingModels, method: str) -> dict:
-    """The cache key of a matching's permutations: the models, the method and the data it learns from."""
+    """The cache key of a matching's permutations: the models, the method and the data it learns from
+    (which subset, drawn with which seed, in batches of which size)."""
     setting = models.setting
-    config = {"a": models.keys["a"], "b": models.keys["independent"], "method": method,
-              "calibration": setting.calibration_samples}
+    config = {"a": models.keys["a"], "b": models.keys["independent"], "method": method}
+    if method in ("am", "cm", "swm"):
+        config["statistics"] = [setting.statistics_samples, SUBSET_SEEDS["statistics"], STATS_BATCH]
     if method == "ste":  # only STE's permutation depends on its budget
-        config["ste"] = [setting.ste_epochs, setting.ste_subset]
+        config["ste"] = [setting.ste_epochs, setting.ste_subset, SUBSET_SEEDS["ste"], STE_BATCH]
     return config
 
 
 def pair_perms(models: SettingModels, method: str, device=None, computed: dict | None = None) -> dict:
-    """The permutations aligning the independent B to A by `method`, from the cache or computed (or, with
-    `computed`, those just computed elsewhere, stored for the next caller)."""
+    """The permutations aligning the independent B to A by `method` (`matching.METHODS`), from the cache
+    or computed (or, with `computed`, those just computed elsewhere, stored for the next caller)."""
     a, b = models.a, models.others["independent"]
-    compute = (lambda: computed) if computed is not None else _Matcher(method, a, b, a.permutation_spec(),
-                                                                      models.setting, device or default_device())
-    return cache.get_or_compute_tensors("perms", perms_config(models, method), compute)
+    compute = (lambda: computed) if computed is not None else _Matcher(method, a, b, models.setting,
+                                                                      device or default_device())
+    return cache.get_or_compute_tensors("perms", perms_config(models, method), compute, version=PERMS_VERSION)
 
 
 @dataclass
 class _Matcher:
-    """Computes one matching's permutations when the cache has none (a callable with its inputs bound)."""
+    """Computes one alignment's permutations when the cache has none (a callable with its inputs bound)."""
     method: str
     a: torch.nn.Module
     b: torch.nn.Module
-    spec: object
     setting: Setting
     device: object
 
     def __call__(self) -> dict:
-        a, b, spec, setting = self.a, self.b, self.spec, self.setting
-        train = dataset_on(setting.recipe.dataset, "train", str(self.device))
-        if self.method == "wm":
-            return weight_matching(spec, a.state_dict(), b.state_dict()).perms
-        if self.method in ("am", "cm"):  # both learn from the same training subset
-            subset = train.subset(setting.calibration_samples, SUBSET_SEEDS["activation_matching"])
-            match = activation_matching if self.method == "am" else commutativity_matching
-            return match(a, b, spec, data.batches(subset, STATS_BATCH)).perms
-        if self.method == "ste":
-            subset = train.subset(setting.ste_subset, SUBSET_SEEDS["ste"])
-            return ste_matching(a, b, spec, _EpochBatches(subset, STE_BATCH), epochs=setting.ste_epochs).perms
-        raise ValueError(f"unknown matching method {self.method!r}")
+        options = {"epochs": self.setting.ste_epochs} if self.method == "ste" else {}
+        return align(self.method, self.a, self.b, data=alignment_data(self.setting, self.device), **options).perms
+
+
+def alignment_data(setting: Setting, device) -> AlignmentData:
+    """What the data-driven alignments of a setting learn from: its statistics subset (AM, CM, Sigma-WM) and
+    the shuffled epochs of its STE subset, drawn lazily (weight matching reads neither)."""
+    train = dataset_on(setting.recipe.dataset, "train", str(device))
+    stats = train.subset(setting.statistics_samples, SUBSET_SEEDS["statistics"])
+    return AlignmentData(batches=_Batches(stats, STATS_BATCH),
+                         epoch_batches=_EpochBatches(train.subset(setting.ste_subset, SUBSET_SEEDS["ste"]), STE_BATCH))
+
+
+@dataclass
+class _Batches:
+    """A data set's batches in a fixed order, re-iterable (every pass yields the same batches)."""
+    ds: data.Dataset
+    batch_size: int
+
+    def __iter__(self):
+        return data.batches(self.ds, self.batch_size)
 
 
 @dataclass
@@ -151,7 +162,7 @@ def calibration(setting: Setting, device=None) -> list:
     device = device or default_device()
     ds = dataset_on(setting.recipe.dataset, "train", str(device)).subset(setting.calibration_samples,
                                                                            SUBSET_SEEDS["calibration"])
-    return calibration_batches(ds, device)
+    return calibration_batches(ds, device, STATS_BATCH)
 
 
 def provenance(setting: Setting) -> dict:

@@ -8,7 +8,7 @@ Pairs of a setting (all share model A; the seeds are in `SEEDS`):
   A       spawn child 1: trained to the spawn epoch with data seed `parent_data`, then `data_a`
   spawn   (A, spawn child 2): same parent state, continued with `data_spawn`
   naive   (A, B): B is trained independently (`init_b`, `data_b`), not aligned
-  wm/am/ste  (A, pi(B)): B aligned to A by weight matching / activation matching / STE
+  wm/am/ste/...  (A, pi(B)): B aligned to A by that method of the registry (`matching.ALIGNMENTS`)
 A is an ordinary fully trained network (a child costs no more epochs than a straight run), so one
 A serves every pair and the spawned prefix is trained once.
 """
@@ -21,10 +21,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import cache
+from ..matching import ALIGNMENTS
 from ..recipes import CIFAR_MLP, MNIST_MLP, Recipe, get_recipe
 from ..train import model_config
 
-PAIRS = ("spawn", "naive", "wm", "am", "ste")
+# A pair is (A, spawn partner) or (A, B aligned by an alignment method of `matching.ALIGNMENTS`).
+PAIR_KINDS = ("spawn",) + ALIGNMENTS
+PAIRS = ("spawn", "naive", "wm", "am", "ste")  # the MLP settings' pairs, as in the paper
 SEEDS = {"init_a": 0, "parent_data": 0, "data_a": 1, "data_spawn": 2, "init_b": 1, "data_b": 3}
 
 
@@ -37,16 +40,22 @@ class Setting:
     # How theta_alpha is evaluated, each convention reported side by side: 'none' | 'bn_reset' | 'repair'.
     # The claims are checked under `claims.CONVENTION` ('none': the official scripts, see BN_CONVENTIONS).
     corrections: tuple = ("none",)
-    alphas: int = 21                    # points on the interpolation curve
+    curve_points: int = 21              # evenly spaced alphas on the interpolation curve
     eval_train: int | None = 10000      # train samples for the curves (None: all)
     eval_test: int | None = None        # test samples for curves and layer metrics (None: all)
-    calibration_samples: int = 5000     # train samples for BN reset / REPAIR / activation matching
+    calibration_samples: int = 5000     # train samples for BN reset and REPAIR
+    statistics_samples: int = 5000      # train samples AM and CM learn their permutations from
     metric_batch: int = 250
     # STE: 40 epochs is the shortest of 10 / 20 / 40 whose midpoint train loss on the cpu MNIST pair is
     # clearly below WM's (0.0271 / 0.0269 / 0.0242 vs 0.0272); Git Re-Basin's src/mnist_mlp_ste2.py runs 250.
     ste_epochs: int = 40
     ste_subset: int | None = None       # train samples STE learns on (None: all, as Git Re-Basin)
     notes: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.pairs) - set(PAIR_KINDS)
+        if unknown:
+            raise ValueError(f"setting {self.name!r}: unknown pairs {sorted(unknown)}; choose from {PAIR_KINDS}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -56,10 +65,11 @@ class Setting:
         return d
 
 
-def setting_hash(setting: Setting) -> str:
-    """What a setting's results depend on: the setting itself and the seeds (training keys follow)."""
+def setting_hash(setting: Setting, version: int = 1) -> str:
+    """What a setting's results depend on: the setting itself and the seeds (training keys follow), with
+    the version of the table whose rows are meant (`book.tables.Producer.version`)."""
     return cache.config_hash({"setting": setting.to_dict(), "seeds": SEEDS,
-                              "a": model_config(setting.recipe, SEEDS["init_a"], SEEDS["data_a"])})
+                              "a": model_config(setting.recipe, SEEDS["init_a"], SEEDS["data_a"])}, version=version)
 
 
 def _mlp(name, dataset, widths, **kw) -> Recipe:
@@ -93,12 +103,13 @@ BASE: dict[str, Setting] = {
 # ------------------------------------------------------------------------------ the overrides
 TRIANGLE = {"schedule": "triangle", "warmup_epochs": 0.5}  # the CPU recipes' schedule
 # Tiny everything: every code path of every setting in seconds (the tests run the book with it).
-_SMOKE_EVAL = {"alphas": 5, "spawn_epoch": 1}
-_SMOKE_MLP = dict(_SMOKE_EVAL, eval_train=500, eval_test=500, calibration_samples=500)
-_SMOKE_CONV = dict(_SMOKE_EVAL, eval_train=300, eval_test=300, calibration_samples=300)
+_SMOKE_EVAL = {"curve_points": 5, "spawn_epoch": 1}
+_SMOKE_MLP = dict(_SMOKE_EVAL, eval_train=500, eval_test=500, calibration_samples=500, statistics_samples=500)
+_SMOKE_CONV = dict(_SMOKE_EVAL, eval_train=300, eval_test=300, calibration_samples=300, statistics_samples=300)
 _SMOKE_RESNET = {"arch": "resnet20", "width": 1, "blocks_per_stage": 1}
 # The cpu conv nets: a tenth of the paper's evaluation data, and fewer interpolation points.
-_CPU_CONV = {"alphas": 11, "spawn_epoch": 2, "eval_train": 2000, "eval_test": 2000, "calibration_samples": 2000}
+_CPU_CONV = {"curve_points": 11, "spawn_epoch": 2, "eval_train": 2000, "eval_test": 2000, "calibration_samples": 2000,
+             "statistics_samples": 2000}
 
 OVERRIDES: dict[str, dict[str, dict]] = {
     "smoke": {
@@ -144,7 +155,7 @@ def default_profile() -> str:
 
 def get_settings(profile: str | None = None, names: list | str | None = None, **overrides) -> dict[str, Setting]:
     """The settings of a profile (default: 'paper' with a GPU, else 'cpu'), optionally only those
-    `names`, with field overrides applied to every setting (e.g. alphas=11)."""
+    `names`, with field overrides applied to every setting (e.g. curve_points=11)."""
     profile = profile or default_profile()
     if profile not in PROFILES:
         raise KeyError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")

@@ -1,12 +1,20 @@
-"""What each chapter computes for one setting: tidy tables, one function per table.
+"""What each chapter computes for one setting: tidy tables, declared once in `TABLES`.
 
-Every per-(setting, pair) frame is cached by the models' keys (`_pair_frame`), so chapters that need
-the same pass (chapters 2 and 3 share `layer_tables`) compute it once.
+A `Producer` is one computation of a setting (or a sweep) that yields one or more named tables; `TABLES`
+maps every table name to its producer, its version and what its rows depend on beyond the setting.
+To add a table: write its producer function here (returning {table name: frame}), declare it at the
+bottom, and list it in `CHAPTER_TABLES`; a chapter then reads it with `ch.table(name)`.
+Bumping a producer's `version` recomputes its tables from the cached models (nothing is retrained).
+
+Every per-(setting, pair) frame is cached by the models' keys and the producer's version
+(`_pair_frame`), so chapters that need the same pass (chapters 2 and 3 share `layer_tables`) compute it once.
 """
 from __future__ import annotations
 
+import contextvars
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from functools import partial
 
 import pandas as pd
@@ -17,13 +25,12 @@ from ..interpolate import interpolation_curve
 from ..matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
 from ..metrics import (feature_averaging, find_taps, layer_metrics, layer_summary, principal_angles, stitching_errors,
                       weight_principal_angles, weight_spectra)
-from .pairs import (STATS_BATCH, SUBSET_SEEDS, SettingModels, build_pairs, calibration, eval_splits, pair_perms,
-                    train_models)
+from .pairs import SettingModels, alignment_data, build_pairs, calibration, eval_splits, pair_perms, train_models
 from ..permutation import apply_permutation, identity_perms, random_perms
 from .profiles import SEEDS, Setting, setting_hash
-from ..train import dataset_on, get_or_train
+from ..train import get_or_train
 from ..runtime import default_device
-from .width import TABLES as WIDTH_TABLES
+from .width import TABLE_KINDS as WIDTH_KINDS, CELL_VERSION, Sweep, sweep_frames
 
 LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)
 
@@ -32,20 +39,25 @@ def _metric_batches(setting: Setting, device):
     return data.batches(eval_splits(setting, device)["test"], setting.metric_batch)
 
 
+# The version of the producer now running (`Producer.__call__` sets it): it keys the frames that producer
+# caches, so a bumped version recomputes them while the models, keyed by their own version, stay cached.
+_VERSION = contextvars.ContextVar("table_version", default=1)
+
+
 def _pair_frame(kind: str, models: SettingModels, pair: str, compute, extra: dict | None = None) -> pd.DataFrame:
     """A per-(setting, pair) frame cached by the models' keys, so chapters share one computation."""
     config = {"kind": kind, "setting": setting_hash(models.setting), "keys": models.keys, "pair": pair, **(extra or {})}
-    frame = cache.get_or_compute_frame("frames", config, compute)
+    frame = cache.get_or_compute_frame("frames", config, compute, version=_VERSION.get())
     frame.insert(0, "pair", pair)
     frame.insert(0, "setting", models.setting.name)
     return frame
 
 
-def lmc_table(setting: Setting, device=None) -> pd.DataFrame:
-    """Loss and error along alpha on train and test for every pair and BatchNorm convention (chapter 1)."""
+def lmc_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """'lmc': loss and error along alpha on train and test for every pair and BatchNorm convention (chapter 1)."""
     device = device or default_device()
     models = train_models(setting, device)
-    return _lmc_frames(setting, models, build_pairs(models, device), device, setting.corrections)
+    return {"lmc": _lmc_frames(setting, models, build_pairs(models, device), device, setting.corrections)}
 
 
 def _lmc_frames(setting: Setting, models: SettingModels, pairs: dict, device, corrections) -> pd.DataFrame:
@@ -55,7 +67,7 @@ def _lmc_frames(setting: Setting, models: SettingModels, pairs: dict, device, co
 
 
 def _curve(setting: Setting, a, b, device, correction: str) -> pd.DataFrame:
-    return interpolation_curve(a, b, eval_splits(setting, device), alphas=setting.alphas, correction=correction,
+    return interpolation_curve(a, b, eval_splits(setting, device), alphas=setting.curve_points, correction=correction,
                                calibration=calibration(setting, device))
 
 
@@ -101,8 +113,8 @@ def _layer_frames(setting: Setting, models: SettingModels, pairs: dict, device, 
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
 
-def matching_table(setting: Setting, device=None, seed: int = 0) -> pd.DataFrame:
-    """Chapter 4: for identity, random, WM and AM permutations of the independent B, per linear op the
+def matching_tables(setting: Setting, device=None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """'matching' (chapter 4): for identity, random, WM and AM permutations of the independent B, per linear op the
     weight gap dist(W_A, P W_B P'^T), the feature gap dist(H_A, P' H_B) and the commutativity residual."""
     device = device or default_device()
     models = train_models(setting, device)
@@ -116,7 +128,7 @@ def matching_table(setting: Setting, device=None, seed: int = 0) -> pd.DataFrame
     for method, pb in candidates.items():
         gaps = partial(_gaps, setting, a, pb, device)
         frames.append(_pair_frame("matching", models, method, gaps, {"seed": seed}).rename(columns={"pair": "method"}))
-    return pd.concat(frames, ignore_index=True)
+    return {"matching": pd.concat(frames, ignore_index=True)}
 
 
 def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
@@ -126,8 +138,8 @@ def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
         ["layer", "depth", "weight_gap", "feature_gap", "dist_com", "dist_com_sample"]]
 
 
-def appendix_tables(setting: Setting, device=None, k: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stitching errors per ReLU layer, and principal angles for every pair (chapter 4's appendix view):
+def appendix_tables(setting: Setting, device=None, k: int = 10) -> dict[str, pd.DataFrame]:
+    """'stitching' errors per ReLU layer and principal 'angles' for every pair (chapter 4's appendix view):
     `space` 'features' per ReLU layer (test data), 'weights' per linear op (the official script's view)."""
     device = device or default_device()
     models = train_models(setting, device)
@@ -136,7 +148,7 @@ def appendix_tables(setting: Setting, device=None, k: int = 10) -> tuple[pd.Data
         stitch.append(_pair_frame("stitch", models, pair, partial(_on_test, stitching_errors, setting, a, b, device)))
         angles.append(_pair_frame("angles", models, pair, partial(_angles, setting, a, b, device, k),
                                   {"k": k, "spaces": ["features", "weights"]}))
-    return pd.concat(stitch, ignore_index=True), pd.concat(angles, ignore_index=True)
+    return {"stitching": pd.concat(stitch, ignore_index=True), "angles": pd.concat(angles, ignore_index=True)}
 
 
 def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
@@ -155,8 +167,8 @@ def _angles(setting: Setting, a, b, device, k: int) -> pd.DataFrame:
     return pd.concat([features, weights], ignore_index=True)
 
 
-def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
-    """Weight singular-value summaries (`metrics.weight_spectra`) of A, its spawn partner and the
+def spectra_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """'spectra': weight singular-value summaries (`metrics.weight_spectra`) of A, its spawn partner and the
     independent B, per linear op, with each layer's depth (chapter 4's low-rank view)."""
     device = device or default_device()
     models = train_models(setting, device)
@@ -168,23 +180,7 @@ def spectra_table(setting: Setting, device=None) -> pd.DataFrame:
         frame.insert(0, "setting", setting.name)
         frame.insert(3, "depth", frame.layer.map(depth))
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def llfc_table(setting: Setting, device=None) -> pd.DataFrame:
-    return layer_tables(setting, device)["llfc"]
-
-
-def conditions_table(setting: Setting, device=None) -> pd.DataFrame:
-    return layer_tables(setting, device)["conditions"]
-
-
-def stitching_table(setting: Setting, device=None) -> pd.DataFrame:
-    return appendix_tables(setting, device)[0]
-
-
-def angles_table(setting: Setting, device=None) -> pd.DataFrame:
-    return appendix_tables(setting, device)[1]
+    return {"spectra": pd.concat(frames, ignore_index=True)}
 
 
 # ----------------------------------------------------------------------------- chapter 6 (beyond)
@@ -192,25 +188,25 @@ def _cm_pair(models: SettingModels, device) -> dict:
     return build_pairs(models, device, names=("cm",))
 
 
-def cm_table(setting: Setting, device=None) -> pd.DataFrame:
-    """Per permutation of the independent B (identity, WM, AM, STE where the setting has them, CM): the
+def cm_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """'cm': per permutation of the independent B (identity, WM, AM, STE where the setting has them, CM): the
     commutativity objective CM minimises (`matching.commutativity_objective`, on CM's training subset),
     and the seconds WM and CM take here (CM's include its statistics pass and its WM and AM starts)."""
     device = device or default_device()
     models = train_models(setting, device)
-    return _pair_frame("cm_cost", models, "cm", partial(_cm_costs, setting, models, device)).drop(columns="pair")
+    return {"cm": _pair_frame("cm_cost", models, "cm", partial(_cm_costs, setting, models, device)).drop(columns="pair")}
 
 
 def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
     a, b = models.a, models.others["independent"]
     spec = a.permutation_spec()
-    batches = list(_cm_batches(setting, device))
+    batches = list(alignment_data(setting, device).batches)
     start = time.perf_counter()
     wm = weight_matching(spec, a.state_dict(), b.state_dict())
     wm_seconds = time.perf_counter() - start
     start = time.perf_counter()
     moments = commutativity_moments(a, b, spec, batches)  # timed with CM: they are its statistics pass
-    cm = commutativity_matching(a, b, spec, batches, moments=moments)
+    cm = commutativity_matching(a, b, spec, batches, op_moments=moments)
     cm_seconds = time.perf_counter() - start
     pair_perms(models, "cm", device, computed=cm.perms)  # the CM pair of the other tables uses these
     perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms, "cm": cm.perms}
@@ -223,36 +219,24 @@ def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
                          for m, p in perms.items()])
 
 
-def _cm_batches(setting: Setting, device):
-    """The training subset CM (and AM) learn from."""
-    train = dataset_on(setting.recipe.dataset, "train", str(device))
-    return data.batches(train.subset(setting.calibration_samples, SUBSET_SEEDS["activation_matching"]), STATS_BATCH)
-
-
-def cm_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
-    """Chapter 1's curves for the CM pair (A, CM(B)), per BatchNorm convention."""
+def cm_lmc_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """'cm_lmc': chapter 1's curves for the CM pair (A, CM(B)), per BatchNorm convention."""
     device = device or default_device()
     models = train_models(setting, device)
-    return _lmc_frames(setting, models, _cm_pair(models, device), device, setting.corrections)
+    return {"cm_lmc": _lmc_frames(setting, models, _cm_pair(models, device), device, setting.corrections)}
 
 
 def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
-    """Chapters 2 and 3's per-layer frames for the CM pair (the paper's convention only)."""
+    """'cm_llfc' and 'cm_conditions': chapters 2 and 3's per-layer frames for the CM pair (the paper's
+    convention only)."""
     device = device or default_device()
     models = train_models(setting, device)
-    return _layer_frames(setting, models, _cm_pair(models, device), device, alphas, setting.corrections[:1])
+    frames = _layer_frames(setting, models, _cm_pair(models, device), device, alphas, setting.corrections[:1])
+    return {f"cm_{kind}": frame for kind, frame in frames.items()}
 
 
-def cm_llfc_table(setting: Setting, device=None) -> pd.DataFrame:
-    return cm_layer_tables(setting, device)["llfc"]
-
-
-def cm_conditions_table(setting: Setting, device=None) -> pd.DataFrame:
-    return cm_layer_tables(setting, device)["conditions"]
-
-
-def averaging_table(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> pd.DataFrame:
-    """Weight averaging against feature averaging (`metrics.feature_averaging`) for every pair and CM,
+def averaging_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
+    """'averaging': weight averaging against feature averaging (`metrics.feature_averaging`) for every pair and CM,
     on test data, under the paper's convention: theta_alpha and the ensemble at `alphas`, feature
     averaging at every ReLU layer at alpha = 0.5 (a forward pass per layer)."""
     device = device or default_device()
@@ -264,7 +248,7 @@ def averaging_table(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> pd.Da
                           correction=setting.corrections[0], calibration=calibration(setting, device))
         frames.append(_pair_frame("averaging", models, pair, partial(_on_test, measure, setting, a, b, device),
                                   {"alphas": list(alphas), "layer_alphas": [0.5], "correction": setting.corrections[0]}))
-    return pd.concat(frames, ignore_index=True)
+    return {"averaging": pd.concat(frames, ignore_index=True)}
 
 
 # Chapter 6's settings by default: the two MLPs and one conv net, ResNet-20, whose spawn pair is LMC at
@@ -306,41 +290,87 @@ def spawn_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
     return {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
 
 
-def spawn_lmc_table(setting: Setting, device=None) -> pd.DataFrame:
-    return spawn_tables(setting, device)["spawn_lmc"]
+def width_tables(sweep: Sweep, device=None, ray_address: str | None = None) -> dict[str, pd.DataFrame]:
+    """Chapter 5's tables of one sweep (`width.sweep_frames`); `device` is unused (each cell picks its own)."""
+    return {f"width_{kind}": frame for kind, frame in sweep_frames(sweep, ray_address).items()}
 
 
-def spawn_layers_table(setting: Setting, device=None) -> pd.DataFrame:
-    return spawn_tables(setting, device)["spawn_layers"]
+# ------------------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Producer:
+    """One computation of a setting (or a sweep) that yields the tables `outputs`.
+
+    fn(setting, device=None, **options) -> {table name: frame}. `version`: bump it when the rows change
+    (a new column, a fixed formula): the tables are recomputed from the cached models, which are keyed by
+    their own version. `depends(setting)`: what the rows depend on beyond the setting, as a JSON-able dict.
+    `covers(setting)`: whether the producer applies to a setting at all (default: every setting)."""
+    fn: Callable
+    outputs: tuple
+    version: int = 1
+    depends: Callable | None = None
+    covers: Callable | None = None
+
+    def __call__(self, setting, device=None, **options) -> dict[str, pd.DataFrame]:
+        token = _VERSION.set(self.version)
+        try:
+            return self.fn(setting, device, **options)
+        finally:
+            _VERSION.reset(token)
 
 
-SPAWN_TABLES = ("spawn_lmc", "spawn_layers")
+def _spawn_study(setting: Setting) -> dict:
+    return {"spawn_epochs": list(spawn_epochs(setting))}
 
 
-def results_hash(table: str, setting: Setting) -> str:
-    """The hash a table's committed rows of one setting are recorded under: the setting's, plus what the
-    table depends on beyond it (the spawn study's epochs)."""
-    if table in SPAWN_TABLES:
-        return cache.config_hash({"setting": setting_hash(setting), "spawn_epochs": list(spawn_epochs(setting))})
-    return setting_hash(setting)
+_PRODUCERS = [
+    Producer(lmc_tables, ("lmc",)),
+    Producer(layer_tables, ("llfc", "conditions")),
+    Producer(matching_tables, ("matching",)),
+    Producer(appendix_tables, ("stitching", "angles")),
+    Producer(spectra_tables, ("spectra",)),
+    Producer(cm_tables, ("cm",)),
+    Producer(cm_lmc_tables, ("cm_lmc",)),
+    Producer(cm_layer_tables, ("cm_llfc", "cm_conditions")),
+    Producer(averaging_tables, ("averaging",)),
+    Producer(spawn_tables, ("spawn_lmc", "spawn_layers"), depends=_spawn_study, covers=lambda s: bool(spawn_epochs(s))),
+    # a sweep's rows are versioned by its cells (`width.CELL_VERSION`, part of every cell and of the sweep's hash)
+    Producer(width_tables, tuple(f"width_{kind}" for kind in WIDTH_KINDS), version=CELL_VERSION),
+]
+TABLES: dict[str, Producer] = {name: p for p in _PRODUCERS for name in p.outputs}
+
+
+def producer(table: str) -> Producer:
+    if table not in TABLES:
+        raise KeyError(f"unknown table {table!r}; the tables are {sorted(TABLES)}")
+    return TABLES[table]
+
+
+def compute_table(table: str, setting, device=None, **options) -> pd.DataFrame:
+    """One table of one setting (or sweep), from the cache or computed."""
+    return producer(table)(setting, device, **options)[table]
+
+
+def results_hash(table: str, setting) -> str:
+    """The hash a table's committed rows of one setting are recorded under: the setting's with the table's
+    version, plus what the table depends on beyond it (the spawn study's epochs). Sweeps hash themselves."""
+    if isinstance(setting, Sweep):
+        return setting.results_hash()
+    p = producer(table)
+    if p.depends is not None:
+        return cache.config_hash({"setting": setting_hash(setting), **p.depends(setting)}, version=p.version)
+    return setting_hash(setting, version=p.version)
 
 
 def table_settings(table: str, settings: dict) -> list[str] | None:
-    """Which of `settings` a table covers: the spawn study's only those in `SPAWN_STUDY`; None: all."""
-    if table in SPAWN_TABLES:
-        return [name for name, s in settings.items() if spawn_epochs(s)]
-    return None
+    """Which of `settings` a table covers (the spawn study's: only those in `SPAWN_STUDY`); None: all."""
+    covers = producer(table).covers
+    return None if covers is None else [name for name, s in settings.items() if covers(s)]
 
 
-# Every result table by name, and the tables each chapter reads (in the order it reads them).
-TABLES = {"lmc": lmc_table, "llfc": llfc_table, "conditions": conditions_table, "matching": matching_table,
-          "stitching": stitching_table, "angles": angles_table, "spectra": spectra_table,
-          "cm": cm_table, "cm_lmc": cm_lmc_table, "cm_llfc": cm_llfc_table, "cm_conditions": cm_conditions_table,
-          "averaging": averaging_table, "spawn_lmc": spawn_lmc_table, "spawn_layers": spawn_layers_table}
-TABLES.update(WIDTH_TABLES)
+# The tables each chapter reads (in the order it reads them).
 CHAPTER_TABLES = {"01_lmc": ["lmc"], "02_llfc": ["llfc", "lmc"], "03_conditions": ["conditions", "llfc"],
                   "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"],
-                  "05_width": list(WIDTH_TABLES),
+                  "05_width": [f"width_{kind}" for kind in WIDTH_KINDS],
                   "06_beyond": ["cm", "cm_lmc", "cm_llfc", "cm_conditions", "lmc", "llfc", "conditions", "averaging",
                                 "spawn_lmc", "spawn_layers"]}
 SWEEP_CHAPTERS = ("05_width",)  # chapters whose rows come from sweeps (`llfc_core.width`), not settings

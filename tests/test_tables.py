@@ -1,0 +1,105 @@
+"""The book's wiring: the table registry, versions per artefact, the pairs of a setting, the settings' coverage."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llfc_core import train
+from llfc_core.book import chapter, claims, pairs, profiles, tables
+from llfc_core.matching import ALIGNMENTS
+
+
+def smoke_mlp(**overrides):
+    return profiles.get_settings("smoke", ["mnist-mlp"], **overrides)
+
+
+def test_every_table_a_chapter_reads_is_declared_once():
+    read = {t for names in tables.CHAPTER_TABLES.values() for t in names}
+    assert read <= set(tables.TABLES)
+    for name, producer in tables.TABLES.items():
+        assert name in producer.outputs
+    with pytest.raises(KeyError, match="unknown table 'lcm'"):
+        tables.producer("lcm")
+
+
+def test_a_table_version_bump_recomputes_without_training(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLFC_RESULTS", str(tmp_path / "results"))
+    settings = smoke_mlp(pairs=("spawn", "naive", "wm"))
+    first = chapter.Chapter("01_lmc", "smoke", settings)
+    before = first.table("lmc")
+    assert first.computed
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a table version bump retrained a model")
+
+    monkeypatch.setattr(train, "train", no_training)
+    again = chapter.Chapter("01_lmc", "smoke", settings)
+    again.table("lmc")
+    assert not again.computed  # same version: read from results/, nothing computed
+    bumped = replace(tables.TABLES["lmc"], version=2)
+    monkeypatch.setitem(tables.TABLES, "lmc", bumped)
+    third = chapter.Chapter("01_lmc", "smoke", settings)
+    after = third.table("lmc")
+    assert third.computed  # recomputed from the cached models: no_training was never called
+    assert after.equals(before)  # same code, same numbers
+    recorded = json.loads((tmp_path / "results" / "smoke" / "manifest.json").read_text())["tables"]["lmc"]
+    assert recorded["mnist-mlp"] == tables.results_hash("lmc", settings["mnist-mlp"])
+    assert recorded["mnist-mlp"] != profiles.setting_hash(settings["mnist-mlp"])  # version 2 enters the hash
+
+
+def test_version_one_keeps_the_hashes_made_before_versions(monkeypatch):
+    """Results committed before versions were per artefact stay valid: version 1 is the old global one."""
+    from llfc_core import cache
+
+    setting = smoke_mlp()["mnist-mlp"]
+    assert tables.results_hash("lmc", setting) == profiles.setting_hash(setting)
+    assert cache.config_hash({"x": 1}) == cache.config_hash({"x": 1}, version=1) != cache.config_hash({"x": 1}, 2)
+
+
+def test_every_base_setting_runs_at_smoke_and_has_claims():
+    """A setting without a smoke override never runs in the tests; one without LMC pairs gets no checks."""
+    assert set(profiles.OVERRIDES["smoke"]) == set(profiles.BASE)
+    assert set(claims.LMC_PAIRS) == set(profiles.BASE)
+    for profile, chosen in profiles.PROFILES.items():
+        for name, setting in chosen.items():
+            assert set(setting.pairs) <= {"spawn"} | set(ALIGNMENTS), (profile, name, setting.pairs)
+            assert set(claims.LMC_PAIRS[name]) <= {"spawn"} | set(ALIGNMENTS), name
+
+
+def test_calibration_takes_every_sample_it_is_given():
+    """A calibration set above 5000 samples used to be cut to 5000 while the manifest said otherwise."""
+    setting = smoke_mlp(calibration_samples=6000)["mnist-mlp"]
+    batches = pairs.calibration(setting, "cpu")
+    assert sum(len(y) for _, y in batches) == 6000
+
+
+def test_pairs_of_a_setting(cache_dir, monkeypatch):
+    setting = smoke_mlp(pairs=("spawn", "naive", "wm", "am"))["mnist-mlp"]
+    models = pairs.train_models(setting, "cpu")
+    built = pairs.build_pairs(models, "cpu")
+    assert list(built) == ["spawn", "naive", "wm", "am"]
+    b = models.others["independent"]
+    assert all(a is models.a for a, _ in built.values())
+    assert built["naive"][1] is b and built["spawn"][1] is models.others["spawn"]
+    x = torch.randn(64, 1, 28, 28)
+    for method in ("wm", "am"):  # an aligned B is B permuted: the same function, other weights
+        aligned = built[method][1]
+        assert torch.allclose(aligned(x), b(x), atol=1e-5)
+        assert not torch.equal(aligned.state_dict()["fc1.weight"], b.state_dict()["fc1.weight"])
+    # the spawned children share their first epoch, then differ; the independent B shares nothing
+    assert not torch.equal(models.a.state_dict()["fc1.weight"], models.others["spawn"].state_dict()["fc1.weight"])
+    # permutations are cached: a second request computes nothing
+    monkeypatch.setattr(pairs, "_Matcher", lambda *a, **k: lambda: pytest.fail("recomputed cached permutations"))
+    again = pairs.pair_perms(models, "wm", "cpu")
+    assert all(torch.equal(again[p], v) for p, v in pairs.pair_perms(models, "wm", "cpu").items())
+
+
+def test_permutation_keys_name_the_data_they_learn_from(cache_dir):
+    setting = smoke_mlp()["mnist-mlp"]
+    models = pairs.SettingModels(setting, None, keys={"a": "A", "independent": "B"})
+    am, wm = pairs.perms_config(models, "am"), pairs.perms_config(models, "wm")
+    assert am["statistics"] == [setting.statistics_samples, pairs.SUBSET_SEEDS["statistics"], pairs.STATS_BATCH]
+    assert "statistics" not in wm  # weight matching sees no data
+    other = pairs.SettingModels(replace(setting, statistics_samples=700), None, keys=models.keys)
+    assert pairs.perms_config(other, "am") != am and pairs.perms_config(other, "wm") == wm
