@@ -18,7 +18,7 @@ setup:
 		$(PYTHON) -m ipykernel install --user --name python3 --display-name "Python 3" >/dev/null
 
 book: setup
-	LLFC_PROGRESS=0 LLFC_THREADS=$(BOOK_THREADS) $(JUPYTER_BOOK) build . -W
+	LLFC_STRICT_CLAIMS=1 LLFC_PROGRESS=0 LLFC_THREADS=$(BOOK_THREADS) $(JUPYTER_BOOK) build . -W
 	@echo "book: open _build/html/index.html"
 
 test: setup

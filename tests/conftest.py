@@ -5,6 +5,7 @@ import tempfile
 
 os.environ.setdefault("LLFC_THREADS", "1")
 os.environ["LLFC_PROGRESS"] = "0"
+os.environ["LLFC_STRICT_CLAIMS"] = "1"  # unexplained failed claims raise, as in the book build
 os.environ["LLFC_DEVICE"] = "cpu"
 _scratch = tempfile.mkdtemp(prefix="llfc-tests-")
 os.environ["LLFC_CACHE"] = os.path.join(_scratch, "cache")

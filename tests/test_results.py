@@ -50,6 +50,20 @@ def test_reading_committed_results_leaves_the_manifest_alone(tmp_path, monkeypat
     assert not second.computed and json.loads((tmp_path / "smoke" / "manifest.json").read_text()) == recorded
 
 
+def test_an_interactive_run_warns_instead_of_raising(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
+    monkeypatch.setenv("LLFC_STRICT_CLAIMS", "0")
+    monkeypatch.delenv("CI", raising=False)
+    ch = chapter.Chapter("99_test", "cpu", {}, deviations={})
+    ch.check(_rows(0.2))
+    with pytest.warns(chapter.ClaimWarning, match="lmc.barrier"):
+        frame = ch.report()
+    assert "FAIL" in set(frame.status)
+    monkeypatch.setenv("CI", "true")  # CI raises whatever the variable says
+    with pytest.raises(chapter.ClaimFailed):
+        ch.report()
+
+
 def test_smoke_profile_shows_but_does_not_enforce(tmp_path, monkeypatch):
     monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
     ch = chapter.Chapter("99_test", "smoke", {}, deviations={})

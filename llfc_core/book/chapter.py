@@ -7,6 +7,7 @@ import html
 import io
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -20,6 +21,17 @@ from .width import Sweep, get_sweeps
 
 class ClaimFailed(AssertionError):
     """A paper claim did not reproduce on a non-smoke profile."""
+
+
+class ClaimWarning(UserWarning):
+    """A paper claim did not reproduce, in an interactive run (see `strict_claims`)."""
+
+
+def strict_claims() -> bool:
+    """Unexplained failed claims raise in the book build, the headless driver and CI ($LLFC_STRICT_CLAIMS=1,
+    set by `make book`, or $CI), and only warn elsewhere: a notebook opened in Colab shows what failed
+    after its hours of computing instead of losing the session's state to an exception."""
+    return os.environ.get("LLFC_STRICT_CLAIMS", "") == "1" or bool(os.environ.get("CI"))
 
 
 @dataclass
@@ -111,7 +123,12 @@ class Chapter:
         print(f"{self.name}: {minutes:.2f} min ({'computed' if self.computed else 'read committed results'})")
         failed = frame[frame.status == "FAIL"]
         if len(failed) and self.profile != "smoke":
-            raise ClaimFailed(f"{len(failed)} claim(s) failed:\n" + failed.to_string(index=False))
+            message = f"{len(failed)} claim(s) failed:\n" + failed.to_string(index=False)
+            if not strict_claims():  # an interactive run keeps hours of work on screen instead of dying
+                warnings.warn(message + "\n(a warning in this interactive run; the book build and CI raise)",
+                              ClaimWarning, stacklevel=2)
+                return frame
+            raise ClaimFailed(message)
         if self.profile == "smoke" and len(frame):
             frame = frame.assign(note="smoke: shown, not enforced")
         return frame

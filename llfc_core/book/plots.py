@@ -6,18 +6,26 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 
-PAIR_ORDER = ["spawn", "wm", "swm", "am", "ste", "cm", "naive", "identity", "random"]
+from ..matching import ALIGNMENTS
+
+# The order (and colour) pairs and alignment methods are drawn in: the spawned pair, then the alignment
+# registry's methods in its display order (naive, wm, swm, am, ste, cm, ...). Appended: chapter 4's matching
+# table also compares B under the identity and under a random permutation, which are no alignment methods.
+PAIR_ORDER = ("spawn",) + ALIGNMENTS + ("identity", "random")
 PALETTE = dict(zip(PAIR_ORDER, sns.color_palette("colorblind", len(PAIR_ORDER))))
 
 
-def _order(values) -> list:
-    return [p for p in PAIR_ORDER if p in set(values)] + sorted(set(values) - set(PAIR_ORDER))
+def order(values) -> list:
+    """The distinct `values` (pairs, methods) in drawing order: those of `PAIR_ORDER` first, in its order,
+    then any others sorted."""
+    values = set(values)
+    return [p for p in PAIR_ORDER if p in values] + sorted(values - set(PAIR_ORDER))
 
 
 def interpolation_curves(lmc: pd.DataFrame, metric: str = "error", style: str = "split"):
     """metric along alpha, one panel per setting, colour = pair, dashes = `style` (split or correction)."""
-    order = _order(lmc.pair)
-    g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=order, palette=PALETTE, style=style,
+    hues = order(lmc.pair)
+    g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=hues, palette=PALETTE, style=style,
                     col="setting", col_wrap=min(3, lmc.setting.nunique()), kind="line", marker="o", markersize=4,
                     height=3.2, aspect=1.2, facet_kws={"sharey": False})
     g.set_titles("{col_name}")
@@ -29,15 +37,15 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
               col: str = "setting", ylabel: str | None = None, style: str | None = None):
     """A per-layer metric against depth; an optional baseline column drawn dashed in the same colour
     (or, with `style`, a second variable such as the BatchNorm convention drawn as the line style)."""
-    order = _order(frame[hue])
-    palette = PALETTE if set(order) <= set(PALETTE) else None  # pairs get fixed colours, anything else defaults
-    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=order, palette=palette, col=col, style=style,
+    hues = order(frame[hue])
+    palette = PALETTE if set(hues) <= set(PALETTE) else None  # pairs get fixed colours, anything else defaults
+    g = sns.relplot(data=frame, x="depth", y=y, hue=hue, hue_order=hues, palette=palette, col=col, style=style,
                     col_wrap=min(3, frame[col].nunique()), kind="line", marker="o", markersize=4, height=3.2,
                     aspect=1.2, facet_kws={"sharey": False, "sharex": False}, errorbar=None)
     if baseline is not None:
         for name, ax in g.axes_dict.items():
             sub = frame[frame[col] == name]
-            for h in order:
+            for h in hues:
                 part = sub[sub[hue] == h].groupby("depth")[baseline].mean()
                 ax.plot(part.index, part.values, ls="--", lw=1, color=(palette or {}).get(h, "grey"))
     for ax in g.axes.flat:
@@ -52,8 +60,8 @@ def per_layer(frame: pd.DataFrame, y: str, baseline: str | None = None, hue: str
 def separation(frame: pd.DataFrame, x: str, y: str, level: float, ratio: float, col: str = "setting"):
     """One point per layer and pair: a metric against the naive pair's at the same layer (log-log), with
     a claim's absolute level (horizontal) and ratio (the line y = ratio * x) drawn in."""
-    order = _order(frame.pair)
-    g = sns.relplot(data=frame, x=x, y=y, hue="pair", hue_order=order, palette=PALETTE, col=col,
+    hues = order(frame.pair)
+    g = sns.relplot(data=frame, x=x, y=y, hue="pair", hue_order=hues, palette=PALETTE, col=col,
                     col_wrap=min(3, frame[col].nunique()), kind="scatter", s=30, height=3.2, aspect=1.1,
                     facet_kws={"sharex": False, "sharey": False})
     g.set(xscale="log", yscale="log")
@@ -70,12 +78,12 @@ def lines(frame: pd.DataFrame, x: str, y: str, hue: str, col: str = "setting", l
           xlabel: str | None = None, ylabel: str | None = None, style: str | None = None, logx: bool = False,
           errorbar=None, points: bool = False):
     """y against any x (the spawn epoch, the width), one panel per `col`, colour = `hue` (a layer, a pair).
-    Repeated rows per point (seed pairs) are averaged; `errorbar="sd"` shows their spread. `points=True`:
+    Repeated rows per point (replicates) are averaged; `errorbar="sd"` shows their spread. `points=True`:
     every row as a dot, nothing joined or averaged (a scatter)."""
     palette = PALETTE if set(frame[hue]) <= set(PALETTE) else "viridis"
-    order = _order(frame[hue]) if palette is PALETTE else None
+    hues = order(frame[hue]) if palette is PALETTE else None
     how = {"kind": "scatter", "s": 30} if points else {"kind": "line", "marker": "o", "markersize": 4, "errorbar": errorbar}
-    g = sns.relplot(data=frame, x=x, y=y, hue=hue, hue_order=order, palette=palette, style=style, col=col,
+    g = sns.relplot(data=frame, x=x, y=y, hue=hue, hue_order=hues, palette=palette, style=style, col=col,
                     col_wrap=min(3, frame[col].nunique()), height=3.2, aspect=1.2,
                     facet_kws={"sharey": False, "sharex": False}, **how)
     if log:

@@ -82,12 +82,14 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
     manifest = read_manifest(profile)
     recorded = manifest.setdefault("tables", {}).setdefault(table, {})
     old = pd.read_csv(path) if path.exists() else None
-    frames, computed = [], []
+    frames, computed, seconds = [], [], {}
     for name, h in hashes.items():
         if not recompute and old is not None and recorded.get(name) == h and (old.setting == name).any():
             frames.append(old[old.setting == name])
             continue
+        start = time.time()
         frames.append(compute(name))
+        seconds[name] = time.time() - start
         recorded[name] = h
         computed.append(name)
     frame = order_columns(table, pd.concat(frames, ignore_index=True))
@@ -101,6 +103,10 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
                          "torch": torch.__version__, "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         for name in computed:
             record = describe(name)
+            # minutes computing this table's rows of the setting (training included, where it happened; a pass
+            # shared with another table counts where it ran first)
+            minutes = manifest.setdefault("minutes", {}).setdefault(name, {})
+            minutes[table] = round(seconds[name] / 60, 2)
             manifest.setdefault("settings", {})[name] = record["setting"]
             manifest.setdefault("data", {}).update(record["data"])
             manifest.setdefault("seeds", {}).update(record["seeds"])

@@ -1,7 +1,7 @@
 """Chapter 5: width, the dimension of the neuron cloud and optimal transport (Ferbach et al., AISTATS 2024),
 and what no one has measured: LLFC and its two conditions against width.
 
-A `Sweep` is a grid hidden layers x width x peak learning rate x seed pair of MLP pairs trained by one recipe;
+A `Sweep` is a grid hidden layers x width x peak learning rate x replicate of MLP pairs trained by one recipe;
 each grid point is a cell (`measure_cell`), run through `llfc_core.sweep` (in this process, or on Ray)
 and cached by its configuration, so sweeps that share a grid point (the lr sweep's 3 x 512 at the width
 sweeps' lr) train and measure it once. A cell trains or loads its two networks A and B and, for each way
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -24,23 +23,23 @@ import pandas as pd
 from .. import cache, data
 from . import sweep as engine
 from ..interpolate import barriers, interpolation_curve
-from ..matching import activation_matching, covariance_weight_matching, weight_matching
+from ..matching import ALIGNMENTS, AlignmentData, align
 from ..metrics import layer_metrics, layer_summary
 from ..neurons import input_moments, matching_distances, neuron_dimensions
 from .pairs import STATS_BATCH, SUBSET_SEEDS
-from ..permutation import apply_permutation, identity_perms
+from ..permutation import apply_permutation
 from ..recipes import Recipe
 from ..runtime import default_device
 from ..train import dataset_on, get_or_train, new_state
 
-METHODS = ("naive", "wm", "swm", "am")  # swm: Ferbach et al.'s covariance-weighted weight matching
+METHODS = ("naive", "wm", "swm", "am")  # of `matching.ALIGNMENTS`; swm: Ferbach et al.'s covariance-weighted WM
 MATCHED = ("wm", "swm", "am")
 # The barrier at the midpoint, as Ferbach et al. measure it (the book's other chapters take the max over 11-21 points).
 ALPHAS = (0.0, 0.5, 1.0)
 CELL_VERSION = 2  # bump when measure_cell's output changes
 IN_FEATURES = {"mnist": 784, "cifar10": 3072}
 TABLE_KINDS = ("lmc", "layers", "cost", "dims")
-GRID = ["hidden_layers", "width", "lr", "pair"]  # a cell's coordinates, the first columns of its rows
+GRID = ["hidden_layers", "width", "lr", "replicate"]  # a cell's coordinates, the first columns of its rows
 # (a layer's own `depth`, as in chapters 2-3, stays the column of that name in the layer rows)
 
 
@@ -54,7 +53,7 @@ class Sweep:
     hidden_layers: tuple = (1,)       # numbers of hidden layers, each of `width` units
     widths: tuple = (512,)
     lrs: tuple = (0.1,)
-    pairs: int = 3                    # seed pairs per grid point: A = (init 2k, data 2k), B = (2k+1, 2k+1)
+    replicates: int = 3               # independent pairs per grid point; replicate k: A = (init 2k, data 2k), B = (2k+1, 2k+1)
     epochs: int = 4
     train_subset: int | None = 10000  # None: the whole training set
     warmup_epochs: float = 0.5
@@ -68,6 +67,11 @@ class Sweep:
     gpu_fraction: float = 0.25        # of one GPU per cell on Ray (several small trainings share one)
     notes: str = ""
 
+    def __post_init__(self):
+        unknown = set(self.methods) - set(ALIGNMENTS)
+        if unknown:
+            raise ValueError(f"sweep {self.name!r}: unknown methods {sorted(unknown)}; choose from {ALIGNMENTS}")
+
     def recipe(self, hidden: int, width: int, lr: float) -> Recipe:
         model = {"arch": "mlp", "in_features": IN_FEATURES[self.dataset], "widths": [int(width)] * int(hidden),
                  "num_classes": 10}
@@ -78,11 +82,11 @@ class Sweep:
     def cells(self) -> list[dict]:
         """One JSON-able dict per grid point: everything its results depend on, nothing else (no name),
         so two sweeps sharing a grid point share its cache entry."""
-        return [{"recipe": self.recipe(h, w, lr).to_dict(), "grid": {"hidden_layers": h, "width": w, "lr": lr, "pair": k},
+        return [{"recipe": self.recipe(h, w, lr).to_dict(), "grid": {"hidden_layers": h, "width": w, "lr": lr, "replicate": k},
                  "seeds": {"a": [2 * k, 2 * k], "b": [2 * k + 1, 2 * k + 1]}, "eval_train": self.eval_train,
                  "eval_test": self.eval_test, "statistics": self.statistics, "methods": list(self.methods),
                  "alphas": list(ALPHAS), "version": CELL_VERSION}
-                for h in self.hidden_layers for w in self.widths for lr in self.lrs for k in range(self.pairs)]
+                for h in self.hidden_layers for w in self.widths for lr in self.lrs for k in range(self.replicates)]
 
     def results_hash(self) -> str:
         d = dataclasses.asdict(self)
@@ -93,7 +97,7 @@ class Sweep:
         """What the manifest records about a computed sweep (the form `results.load_or_compute` takes)."""
         return {"setting": {"hash": self.results_hash(), "sweep": dataclasses.asdict(self),
                             "recipe": self.recipe(self.hidden_layers[0], self.widths[0], self.lrs[0]).to_dict(),
-                            "seeds": "pair k: A = (init 2k, data 2k), B = (init 2k+1, data 2k+1)"},
+                            "seeds": "replicate k: A = (init 2k, data 2k), B = (init 2k+1, data 2k+1)"},
                 "data": {self.dataset: dataset_on(self.dataset, "test", "cpu").source},
                 "seeds": {}}  # the settings' seed table (profiles.SEEDS) does not apply: the rule is above
 
@@ -106,22 +110,22 @@ _WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _LRS = (1e-4, 1e-3, 1e-2, 1e-1)
 SWEEPS: dict[str, dict[str, Sweep]] = {
     # smoke: three widths and three rates, the fewest that give every figure and check of the chapter
-    "smoke": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=(8, 16, 32), pairs=1, epochs=1, train_subset=1000,
+    "smoke": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=(8, 16, 32), replicates=1, epochs=1, train_subset=1000,
                                     eval_train=300, eval_test=300, statistics=300),
-              "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), pairs=1,
+              "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), replicates=1,
                                 epochs=1, train_subset=1000, eval_train=300, eval_test=300, statistics=300)},
     "cpu": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS),
             "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS),
             "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024)),
             "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=_LRS, epochs=10)},
-    "paper": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS + (4096,), pairs=5, epochs=20,
+    "paper": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS + (4096,), replicates=5, epochs=20,
                                     train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
-              "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS + (4096,), pairs=5, epochs=20,
+              "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS + (4096,), replicates=5, epochs=20,
                                     train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
-              "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024, 4096), pairs=5,
+              "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024, 4096), replicates=5,
                                       epochs=40, train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
               "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-                                pairs=5, epochs=20, train_subset=None, eval_train=10000, eval_test=None, statistics=5000)},
+                                replicates=5, epochs=20, train_subset=None, eval_train=10000, eval_test=None, statistics=5000)},
 }
 
 
@@ -151,7 +155,7 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     train = dataset_on(recipe.dataset, "train", str(device))
     splits = {"train": train.subset(cell["eval_train"], SUBSET_SEEDS["eval_train"]),
               "test": dataset_on(recipe.dataset, "test", str(device)).subset(cell["eval_test"], SUBSET_SEEDS["eval_test"])}
-    stats = list(data.batches(train.subset(cell["statistics"], SUBSET_SEEDS["activation_matching"]), STATS_BATCH))
+    stats = list(data.batches(train.subset(cell["statistics"], SUBSET_SEEDS["statistics"]), STATS_BATCH))
     spec = a.permutation_spec()
     moments_a = input_moments(a, stats)
     out = {kind: [] for kind in TABLE_KINDS}
@@ -159,7 +163,8 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     inner = [x for x in cell["alphas"] if 0 < x < 1]
     ends = interpolation_curve(a, b, splits, alphas=[x for x in cell["alphas"] if x in (0, 1)])
     for method in cell["methods"]:
-        aligned = apply_permutation(b, spec, _align(method, a, b, spec, stats, moments_a))
+        options = {"moments": moments_a} if method == "swm" else {}  # A's input moments, already taken
+        aligned = apply_permutation(b, spec, align(method, a, b, spec, AlignmentData(batches=stats), **options).perms)
         curve = pd.concat([ends, interpolation_curve(a, aligned, splits, alphas=inner)], ignore_index=True)
         out["lmc"].append(_lmc_rows(curve).assign(method=method))
         metrics = layer_metrics(a, aligned, data.batches(splits["test"], STATS_BATCH), alphas=(0.5,))
@@ -178,18 +183,6 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
 
 def _rest(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in GRID]
-
-
-def _align(method: str, a, b, spec, stats: list, moments_a: dict) -> dict:
-    if method == "naive":
-        return identity_perms(spec.sizes(a.state_dict()))
-    if method == "wm":
-        return weight_matching(spec, a.state_dict(), b.state_dict()).perms
-    if method == "swm":
-        return covariance_weight_matching(a, b, spec, stats, moments=moments_a).perms
-    if method == "am":
-        return activation_matching(a, b, spec, stats).perms
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def _lmc_rows(curve: pd.DataFrame) -> pd.DataFrame:
@@ -216,17 +209,22 @@ def sweep_frames(sweep: Sweep, ray_address: str | None = None) -> dict[str, pd.D
     return frames
 
 
-def width_table(kind: str, sweep: Sweep, device=None, ray_address: str | None = None) -> pd.DataFrame:
-    """One of the chapter's tables (`kind` in TABLE_KINDS) for one sweep; `device` is unused (cells pick theirs)."""
-    return sweep_frames(sweep, ray_address)[kind]
-
-
-TABLES = {f"width_{kind}": partial(width_table, kind) for kind in TABLE_KINDS}
-
-
 # ------------------------------------------------------------------------------------- the analysis
+# What chapter 5 shows and checks, from the sweep's tables: `claims.width_claims` and the notebook use
+# these, so a number in a table and the check beside it are computed once.
+SWEPT = 3  # a sweep varies a coordinate (width, lr) when it takes at least this many values: the fewest that
+# a fitted slope or a rank correlation says anything on
+BEST_MATCHING = {"plain": "wm", "sigma": "swm"}  # each norm's own matching: its transport cost is the best one's
+
+
+def swept(frame: pd.DataFrame, coordinate: str) -> pd.DataFrame:
+    """The rows of `frame` from the sweeps that vary `coordinate`: 'width' (the width sweeps) or 'lr' (the
+    learning-rate sweeps), at least `SWEPT` values of it."""
+    return frame[frame.groupby("setting")[coordinate].transform("nunique") >= SWEPT]
+
+
 def fit_slopes(frame: pd.DataFrame, y: str, by: list[str], x: str = "width", floor: float = 1e-4) -> pd.DataFrame:
-    """Least-squares slope of log(mean y) against log(x) per group `by` (means over seed pairs first;
+    """Least-squares slope of log(mean y) against log(x) per group `by` (means over replicates first;
     means below `floor` are set to it, so a barrier that reaches zero counts as small, not as missing)."""
     rows = []
     for key, g in frame.groupby(by, sort=False):
@@ -245,6 +243,19 @@ def hidden_dimension(dims: pd.DataFrame, norm: str = "plain", stage: str = "trai
     return d.groupby(["setting"] + GRID, as_index=False)[f"pr_{norm}"].mean()
 
 
+def dimension_and_barrier(dims: pd.DataFrame, lmc: pd.DataFrame, method: str = "wm") -> pd.DataFrame:
+    """Per cell: the dimension of A's trained hidden clouds in the plain norm (`hidden_dimension`: `pr_plain`)
+    beside `method`'s rows of `lmc` (pass one split): what the claim `width.dimension_barrier` correlates."""
+    return hidden_dimension(dims).merge(lmc[lmc.method == method], on=["setting"] + GRID)
+
+
+def best_cost(cost: pd.DataFrame) -> pd.DataFrame:
+    """The transport cost between A's and B's clouds in each norm after that norm's own matching
+    (`BEST_MATCHING`): `cost` rows with `norm` and `cost` (plain: WM's dist_plain; sigma: Sigma-WM's dist_sigma)."""
+    return pd.concat([cost[cost.method == method].assign(norm=norm, cost=cost[f"dist_{norm}"])
+                      for norm, method in BEST_MATCHING.items()])
+
+
 def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
     """Per (sweep, hidden layers, layer, norm): the fitted slope of the best-matching cost against width (each norm
     with its own matching: plain with WM, Sigma with Sigma-WM), beside -1/d for the measured dimension d
@@ -252,7 +263,7 @@ def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
     rows = []
     trained = dims[(dims.stage == "trained") & (dims.model == "a")]
     widest = trained[trained.width == trained.groupby(["setting", "hidden_layers"]).width.transform("max")]
-    for norm, method in (("plain", "wm"), ("sigma", "swm")):
+    for norm, method in BEST_MATCHING.items():
         slopes = fit_slopes(cost[cost.method == method], f"dist_{norm}", ["setting", "hidden_layers", "layer"])
         d = widest.groupby(["setting", "hidden_layers", "layer"])[f"pr_{norm}"].mean().rename("dimension")
         slopes = slopes.join(d, on=["setting", "hidden_layers", "layer"]).assign(norm=norm)
@@ -262,6 +273,49 @@ def rate_table(cost: pd.DataFrame, dims: pd.DataFrame) -> pd.DataFrame:
                                                "cost_first", "cost_last", "points"]]
 
 
+def rate_verdicts(rates: pd.DataFrame) -> list[str]:
+    """`rate_table` in words, one line per (sweep, norm): per layer the fitted slope against -1/d, whether
+    the cost falls, and whether at least at the rate of Ferbach et al.'s bounds."""
+    said = []
+    for (setting, norm), g in rates.groupby(["setting", "norm"], sort=False):
+        layers = [f"{r.layer} {r.slope:+.3f} vs {r.rate:+.4f} (d = {r.dimension:.1f}, "
+                  + ("falls" if r.slope < 0 else "rises") + (", at least at the rate)" if r.slope <= r.rate else ")")
+                  for r in g.itertuples()]
+        said.append(f"{setting}, {norm} norm, fitted slope vs -1/d: " + "; ".join(layers))
+    return said
+
+
+def slopes_vs_theory(lmc: pd.DataFrame, rates: pd.DataFrame,
+                     barriers: tuple = ("loss_barrier", "error_barrier")) -> pd.DataFrame:
+    """Per sweep and barrier of `lmc` (one split): the fitted log-log slope against width per method
+    (`fit_slopes`), beside the rate -1/d of each norm (`rate_table`'s, mean over the hidden layers)."""
+    slopes = pd.concat([fit_slopes(lmc, y, ["setting", "method"]).assign(barrier=y) for y in barriers])
+    theory = rates[rates.layer != "head"].pivot_table(index="setting", columns="norm", values="rate").add_prefix("-1/d, ")
+    return slopes.pivot_table(index=["setting", "barrier"], columns="method", values="slope", sort=False).join(
+        theory, on="setting")
+
+
+def endpoint_accuracy(lmc: pd.DataFrame) -> pd.DataFrame:
+    """Per width (rows) and sweep (columns): the endpoints' mean accuracy on `lmc`'s split (1 - error_ends)."""
+    ends = lmc.groupby(["setting", "width"]).error_ends.mean().unstack("setting")
+    return (1 - ends).rename_axis(columns=f"{'/'.join(lmc.split.unique())} accuracy of the endpoints")
+
+
 def max_layer(layers: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
     """Per (cell, method): the largest value of `column` over the feature layers."""
     return layers.groupby(["setting"] + GRID + ["method"], as_index=False)[column].max()
+
+
+def worst_layer(layers: pd.DataFrame, lmc: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
+    """Per (cell, method): the worst layer's `column` (`max_layer`) beside that pair's rows of `lmc` (pass one
+    split): what the claim `width.llfc_follows_lmc` correlates."""
+    return max_layer(layers, column).merge(lmc, on=["setting"] + GRID + ["method"])
+
+
+def llfc_slopes(layers: pd.DataFrame, lmc: pd.DataFrame) -> pd.DataFrame:
+    """Per width sweep and method: the log-log slope against width of the worst layer's cos_dist beside that
+    of the loss barrier (`lmc`: one split), LLFC read along width as LMC is."""
+    worst = worst_layer(swept(layers, "width"), lmc)
+    slopes = pd.concat([fit_slopes(worst, y, ["setting", "method"]).assign(quantity=y) for y in ("cos_dist", "loss_barrier")])
+    return slopes.pivot_table(index=["setting", "method"], columns="quantity", values="slope", sort=False).rename(
+        columns={"cos_dist": "slope of the worst layer's cos_dist", "loss_barrier": "slope of the loss barrier"})
