@@ -40,6 +40,7 @@ def test_barrier_of_a_known_curve():
     assert row.error_barrier == pytest.approx(0.2)
 
 
+@pytest.mark.slow  # trains a VGG-16: 15-50 s on one core
 def test_bn_reset_restores_accuracy_of_interpolated_bn_model():
     recipe = Recipe("tiny-bn", "cifar10", {"arch": "vgg16", "norm": "bn", "width": 0.125}, epochs=3, lr=0.05,
                     batch_size=64, train_subset=1000, schedule="triangle", warmup_epochs=0.5)
@@ -73,6 +74,81 @@ def test_repair_matches_target_statistics():
     assert torch.allclose(sm["fc2"][0], mean_t2, atol=0.05)
 
 
+BN_CONFIGS = {"vgg16-bn": {"arch": "vgg16", "norm": "bn", "width": 0.125},
+              "resnet20-bn": {"arch": "resnet20", "width": 1, "norm": "bn", "blocks_per_stage": 1}}
+
+
+def _bn_pair(name):
+    """Two different BN networks with non-trivial norm parameters and statistics (measured on N(0, 1)
+    inputs), and calibration inputs from another distribution, so that a BN reset alone changes them."""
+    from .test_models import randomise_norm_stats
+
+    torch.manual_seed(1)
+    a = randomise_norm_stats(build_model(BN_CONFIGS[name]), he_init=False)
+    torch.manual_seed(2)
+    b = randomise_norm_stats(build_model(BN_CONFIGS[name]), he_init=False)
+    return a, b, torch.randn(64, 3, 32, 32) * 1.5 + 0.3
+
+
+def _target_stats(a, b, names, batches, alpha):
+    sa, sb = channel_stats(a, names, batches), channel_stats(b, names, batches)
+    return {n: (alpha * sa[n][0] + (1 - alpha) * sb[n][0], alpha * sa[n][1] + (1 - alpha) * sb[n][1]) for n in names}
+
+
+@pytest.mark.parametrize("name", BN_CONFIGS)
+def test_repair_on_batchnorm_gives_every_norm_output_the_interpolated_statistics(name):
+    """REPAIR's promise on BN networks (after their BN reset): every BatchNorm's output channels have, on the
+    calibration data, the alpha-interpolation of A's and B's means and stds. With one calibration batch
+    the renormalising pass sees the same statistics it folds in, so this holds exactly at every point."""
+    a, b, x = _bn_pair(name)
+    calib, alpha = [(x, None)], 0.3
+    model = corrected_interpolation(a, b, alpha, "repair", calib)
+    names = repair_points(model)
+    assert names == [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)] and len(names) >= 9
+    target = _target_stats(a, b, names, calib, alpha)
+    got = channel_stats(model, names, calib)
+    plain = channel_stats(corrected_interpolation(a, b, alpha, "none", calib), names, calib)
+    for n in names:
+        mean_t, std_t = target[n]
+        torch.testing.assert_close(got[n][0], mean_t, rtol=0, atol=1e-5 * float(std_t.max()), msg=n)  # seen: 6e-7
+        torch.testing.assert_close(got[n][1], std_t, rtol=1e-5, atol=0, msg=n)                         # seen: 4e-7
+    # without REPAIR the interpolated network's statistics are far from the target (the check has teeth)
+    assert max(float((plain[n][1] / target[n][1] - 1).abs().max()) for n in names) > 0.5
+
+
+@pytest.mark.parametrize("name", BN_CONFIGS)
+def test_repair_on_batchnorm_is_exact_at_the_first_point_with_several_batches(name):
+    """With several calibration batches each point is renormalised batch by batch in the measuring pass, so
+    only the first point (whose input does not depend on the others) is exact over the whole data."""
+    a, b, x = _bn_pair(name)
+    calib, alpha = [(c, None) for c in x.chunk(4)], 0.6
+    model = corrected_interpolation(a, b, alpha, "repair", calib)
+    first = repair_points(model)[0]
+    assert first in ("norm1", "stem.norm")
+    mean_t, std_t = _target_stats(a, b, [first], calib, alpha)[first]
+    mean, std = channel_stats(model, [first], calib)[first]
+    torch.testing.assert_close(mean, mean_t, rtol=0, atol=1e-5 * float(std_t.max()))
+    torch.testing.assert_close(std, std_t, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", BN_CONFIGS)
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_repair_at_the_endpoints_gives_back_a_and_b(name, alpha):
+    """theta_1 is A's weights with statistics reset on other data; REPAIR then restores every BN output's
+    per-channel mean and std to A's, and a per-channel affine map is fixed by those two, so the network is
+    A again, on any input (one calibration batch: exact at every point). Likewise theta_0 and B."""
+    a, b, x = _bn_pair(name)
+    end = a if alpha == 1.0 else b
+    model = corrected_interpolation(a, b, alpha, "repair", [(x, None)])
+    reset = corrected_interpolation(a, b, alpha, "bn_reset", [(x, None)])
+    held_out = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        want, got, after_reset = end.eval()(held_out), model(held_out), reset(held_out)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * scale)  # seen: 3e-6 x scale
+    assert float((after_reset - want).abs().max()) > 0.01 * scale  # the BN reset alone had changed the function
+
+
 def test_unknown_correction_and_missing_calibration():
     a = build_model({"arch": "vgg16", "width": 0.0625})
     with pytest.raises(ValueError, match="unknown correction"):
@@ -81,6 +157,7 @@ def test_unknown_correction_and_missing_calibration():
         interpolation_curve(a, a, {}, correction="bn_reset")
 
 
+@pytest.mark.slow  # trains a VGG-16: 15-50 s on one core
 def test_bn_reset_recovers_when_only_statistics_are_wrong():
     """B = A with corrupted running statistics: theta_0.5 has A's weights and wrong statistics, so a BN
     reset must bring back A's accuracy while the uncorrected interpolation is far off."""

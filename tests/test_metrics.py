@@ -3,7 +3,6 @@ import math
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from llfc_core import data
 from llfc_core.interpolate import interpolate
@@ -65,28 +64,97 @@ def test_accumulator_quantiles_and_zero_vectors():
     assert s["dist_sample"] == pytest.approx((0 + 0 + 1 / math.sqrt(2) + 2 / 1) / 4)
 
 
-@pytest.mark.parametrize("name", ["mlp", "vgg16-bn", "resnet20-bn", "resnet20x2-ln"])
-def test_streaming_equals_materialised_reference(name):
+# Every numeric column `layer_metrics` returns is either compared with `reference.layer_metrics_materialised`
+# (REFERENCE_COLUMNS, by `assert_streaming_equals_reference`) or listed in NOT_COMPARED with the reason;
+# `test_every_metric_column_is_compared_or_allowed` fails on a column in neither (the "add a metric" checklist
+# of the book's about_code page).
+REFERENCE_COLUMNS = {  # (frame, row kind) -> columns compared with the reference
+    ("llfc", None): ("cos_dist", "cos_dist_baseline", "scale_c", "thm1_dist"),
+    ("conditions", "relu"): ("dist_sigma",),
+    ("conditions", "linear"): ("dist_com", "dist_w", "dist_h"),
+}
+NOT_COMPARED = {  # numeric columns the reference does not produce, and why that is safe
+    "llfc": {
+        "depth": "a key, checked against the taps in test_models",
+        "alpha": "a key: the alphas asked for",
+        "cos_dist_std": "spread of the per-sample values whose mean, cos_dist, is compared",
+        "cos_dist_p50": "quantile of the same per-sample values (histogram; hand-checked in test_accumulator_quantiles)",
+        "cos_dist_p90": "quantile of the same per-sample values (histogram; hand-checked in test_accumulator_quantiles)",
+        "frob_cos_dist": "1 - <x,y>/(|x||y|) of the same sums as scale_c and thm1_dist: checked through that "
+                         "identity in assert_streaming_equals_reference",
+        "frob_cos_dist_baseline": "the same sum-level cosine for A vs B (PairAccumulator.summary, as frob_cos_dist)",
+    },
+    "conditions": {
+        "depth": "a key, checked against the taps in test_models",
+        "alpha": "a key: the alphas asked for",
+        "dist_sigma_sample": "per-sample mean of the distance whose data-set value, dist_sigma, is compared",
+        "dist_com_sample": "per-sample mean of the distance whose data-set value, dist_com, is compared",
+        "dist_h_sample": "per-sample mean of the distance whose data-set value, dist_h, is compared",
+    },
+}
+
+
+def _reference_value(ref: dict, frame: str, row) -> dict:
+    """The reference's numbers for one row of `layer_metrics`' frame."""
+    if frame == "llfc":
+        return ref["llfc"][(row.layer, row.alpha)]
+    if row.kind == "relu":
+        return {"dist_sigma": ref["sigma"][(row.layer, row.alpha)]}
+    return ref["com"][row.layer]
+
+
+def assert_streaming_equals_reference(a, b, x: torch.Tensor, alphas=(0.25, 0.75), batches: int = 4) -> dict:
+    """layer_metrics over `x` cut into random, uneven batches equals the materialised reference in every
+    REFERENCE_COLUMNS column of every row (float64 sums of float32 features: rel 1e-6). Returns the frames."""
+    cuts = sorted(torch.randperm(len(x) - 2)[:batches - 1].add(1).tolist())
+    fast = layer_metrics(a, b, [(x[i:j], None) for i, j in zip([0] + cuts, cuts + [len(x)])], alphas=alphas)
+    ref = layer_metrics_materialised(a, b, x, alphas=alphas)
+    for (frame, kind), columns in REFERENCE_COLUMNS.items():
+        rows = fast[frame] if kind is None else fast[frame][fast[frame].kind == kind]
+        assert len(rows), (frame, kind)
+        for _, row in rows.iterrows():
+            expected = _reference_value(ref, frame, row)
+            for col in columns:
+                assert row[col] == pytest.approx(expected[col], rel=1e-6, abs=1e-9), (row.layer, row.alpha, col)
+    # frob_cos_dist from the compared columns: with r = |f_lin| / |f_alpha| and cos = 1 - frob_cos_dist,
+    # scale_c = cos r and thm1_dist = r + 1/r - 2 cos.
+    llfc = fast["llfc"]
+    cos = 1 - llfc.frob_cos_dist
+    r = llfc.scale_c / cos
+    assert (r + 1 / r - 2 * cos).to_numpy() == pytest.approx(llfc.thm1_dist.to_numpy(), rel=1e-6, abs=1e-9)
+    return fast
+
+
+def _random_pair(name: str):
     config, shape = CONFIGS[name]
     torch.manual_seed(1)
     a = randomise_norm_stats(build_model(config))
     torch.manual_seed(2)
     b = randomise_norm_stats(build_model(config))
-    x = torch.randn(48, *shape[1:])
-    cuts = sorted(torch.randperm(46)[:3].add(1).tolist())  # random, uneven batch splits
-    batches = [(x[i:j], None) for i, j in zip([0] + cuts, cuts + [48])]
-    fast = layer_metrics(a, b, batches, alphas=(0.25, 0.75))
-    ref = layer_metrics_materialised(a, b, x, alphas=(0.25, 0.75))
-    for _, row in fast["llfc"].iterrows():
-        expected = ref["llfc"][(row.layer, row.alpha)]
-        for col in ("cos_dist", "cos_dist_baseline", "scale_c", "thm1_dist"):
-            assert row[col] == pytest.approx(expected[col], rel=1e-6, abs=1e-9), (row.layer, col)
-    cond = fast["conditions"]
-    for _, row in cond[cond.kind == "relu"].iterrows():
-        assert row.dist_sigma == pytest.approx(ref["sigma"][(row.layer, row.alpha)], rel=1e-6, abs=1e-9)
-    for _, row in cond[cond.kind == "linear"].iterrows():
-        for col in ("dist_com", "dist_w", "dist_h"):
-            assert row[col] == pytest.approx(ref["com"][row.layer][col], rel=1e-6, abs=1e-9), (row.layer, col)
+    return a, b, torch.randn(48, *shape[1:])
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg16-bn", "resnet20-bn",
+                                  pytest.param("resnet20x2-ln", marks=pytest.mark.slow)])  # 15-25 s on one core
+def test_streaming_equals_materialised_reference(name):
+    assert_streaming_equals_reference(*_random_pair(name))
+
+
+def test_every_metric_column_is_compared_or_allowed():
+    """Add a metric: its column must be compared with the reference (REFERENCE_COLUMNS) or be listed, with its
+    reason, in NOT_COMPARED. A column in neither fails here; so does an allow-list entry for a column that is
+    gone, or one that is also compared."""
+    a, b = tiny_pair()
+    out = layer_metrics(a, b, [(torch.tensor([[1.0, 0.0], [1.0, -1.0]]), None)], alphas=(0.5,))
+    for frame in ("llfc", "conditions"):
+        numeric = set(out[frame].select_dtypes("number").columns)
+        compared = {c for (f, _), cols in REFERENCE_COLUMNS.items() if f == frame for c in cols}
+        allowed = set(NOT_COMPARED[frame])
+        assert not compared & allowed, f"{frame}: both compared and allow-listed: {sorted(compared & allowed)}"
+        assert numeric - compared - allowed == set(), (
+            f"{frame}: new columns {sorted(numeric - compared - allowed)}: compare them with "
+            "llfc_core.reference in REFERENCE_COLUMNS, or list them in NOT_COMPARED with the reason")
+        assert (compared | allowed) - numeric == set(), f"{frame}: no longer returned: {sorted((compared | allowed) - numeric)}"
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20-bn"])

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -17,9 +19,10 @@ CONFIGS = {
 }
 
 
-def randomise_norm_stats(model, he_init: bool = True):
+def randomise_norm_stats(model, he_init: bool = True, shape: tuple | None = None):
     """Non-trivial norm parameters and BN statistics measured on random data (so activations stay alive
-    through 13+ layers), so that the invariance checks are not vacuous."""
+    through 13+ layers), so that the invariance checks are not vacuous. `shape`: the input's shape without
+    the batch axis (default: that of the model's architecture in CONFIGS)."""
     from llfc_core.interpolate import reset_bn
 
     for m in model.modules():
@@ -31,8 +34,9 @@ def randomise_norm_stats(model, he_init: bool = True):
                 m.bias.data.uniform_(0.1, 0.5)
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
-    shape = next(s for c, s in CONFIGS.values() if c == model.config or c["arch"] == model.config["arch"])
-    return reset_bn(model, [(torch.randn(64, *shape[1:]), None)])
+    if shape is None:
+        shape = next(s for c, s in CONFIGS.values() if c == model.config or c["arch"] == model.config["arch"])[1:]
+    return reset_bn(model, [(torch.randn(64, *shape), None)])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -71,27 +75,78 @@ def test_spec_must_cover_every_tensor():
         check_invariance(model, spec, torch.randn(2, 784))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_taps_have_documented_shapes(name):
-    config, shape = CONFIGS[name]
-    model = build_model(config)
-    taps = find_taps(model, torch.randn(shape))
+def _fed_relu(op: str) -> str:
+    """The feature layer a linear op feeds, by the documented naming scheme: fc<k>/conv<k> -> relu<k>,
+    a ResNet block's conv2 and shortcut.conv -> its relu2, stem.conv -> stem.relu, head -> logits."""
+    if op == "head":
+        return LOGITS
+    op = op.replace("shortcut.conv", "conv2")
+    prefix, _, leaf = op.rpartition(".")
+    return (prefix + "." if prefix else "") + re.sub(r"^(fc|conv)", "relu", leaf)
+
+
+def _expected_pre(relu: str, outputs: dict, modules: dict) -> torch.Tensor:
+    """A ReLU's pre-activation from the outputs of the ops before it: norm<k> (fc<k> where there is no
+    norm module), plus the shortcut's output (or the block input, through nn.Identity) for a ResNet relu2."""
+    prefix, _, leaf = relu.rpartition(".")
+    join = (lambda s: f"{prefix}.{s}") if prefix else (lambda s: s)
+    k = leaf[len("relu"):]
+    source = next(join(f"{kind}{k}") for kind in ("norm", "fc") if join(f"{kind}{k}") in modules)
+    pre = outputs[source]
+    if leaf == "relu2" and join("shortcut") in modules:
+        pre = pre + outputs[join("shortcut")]  # the same sum, in the same order, as BasicBlock.forward
+    return pre
+
+
+def assert_taps_follow_the_naming_scheme(model, x: torch.Tensor) -> None:
+    """On a real forward pass, what the metrics' recorder keeps for each ReLU is the output of the ops
+    before it (its pre-activation) and relu of that (its feature), with the documented shapes; the
+    ReLUs are listed in execution order with depths 1..L-1, and every linear op has the depth of the ReLU
+    its name says it feeds. Also used by tests/test_architectures.py for every registered architecture."""
+    from llfc_core.metrics import _Recorder  # what layer_metrics records per batch
+
+    model.eval()
+    taps = find_taps(model, x)
     modules = dict(model.named_modules())
-    relus = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    assert sorted(taps["relus"]) == sorted(relus)  # every ReLU module is measured
-    assert taps["depth"][LOGITS] == len(relus) + 1
-    seen = {}
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0].shape, o.shape)))
-             for n in taps["relus"]]
-    model.eval()(torch.randn(shape))
-    for h in hooks:
-        h.remove()
-    for n in taps["relus"]:
-        pre, post = seen[n]
-        assert pre == post and pre[0] == shape[0]  # pre-activation and feature: (N, C) or (N, C, H, W)
+    calls, outputs = [], {}
+
+    def keep(n):
+        def hook(module, inputs, output):
+            calls.append(n)
+            outputs[n] = output.detach()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items() if n]
+    rec = _Recorder(model, taps["relus"], taps["linears"])
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        rec.remove()
+        for h in handles:
+            h.remove()
+    relus = [n for n in calls if isinstance(modules[n], nn.ReLU)]
+    assert sorted(taps["relus"]) == sorted(n for n, m in modules.items() if isinstance(m, nn.ReLU))  # none escapes
+    assert taps["relus"] == relus  # execution order ...
+    assert [taps["depth"][n] for n in relus] == list(range(1, len(relus) + 1))  # ... is depth order
+    assert taps["depth"][LOGITS] == len(relus) + 1 and torch.equal(outputs["head"], logits)
+    assert taps["linears"] == [n for n in calls if isinstance(modules[n], (nn.Linear, nn.Conv2d))]
+    for op in taps["linears"]:
+        assert taps["depth"][op] == taps["depth"][_fed_relu(op)], op
+    for n in relus:
+        pre, post = rec.pre[n], rec.post[n]
+        assert torch.equal(pre, _expected_pre(n, outputs, modules)), n
+        assert torch.equal(post, torch.relu(pre)), n
+        assert (pre < 0).any() and (pre > 0).any(), n  # the ReLU acts: pre and feature genuinely differ
         # dense (N, C) after a Linear (MLPs, the official VGG head's hidden layers), else (N, C, H, W)
         dense = isinstance(modules.get(n.replace("relu", "fc")), nn.Linear)
-        assert len(pre) == (2 if dense else 4)
+        assert pre.shape[0] == len(x) and pre.dim() == (2 if dense else 4), n
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_taps_record_pre_activations_features_and_depths(name):
+    config, shape = CONFIGS[name]
+    assert_taps_follow_the_naming_scheme(randomise_norm_stats(build_model(config), he_init=False), torch.randn(shape))
 
 
 def test_resnet_every_relu_is_tapped_including_inside_blocks():

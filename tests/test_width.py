@@ -9,9 +9,10 @@ import torch
 from llfc_core.book import claims, sweep
 from llfc_core.matching import covariance_weight_matching
 from llfc_core.models import MLP
-from llfc_core.neurons import input_moments, matching_distances, neuron_dimensions, participation_ratio
+from llfc_core.neurons import augmented_weight, input_moments, linear_ops, matching_distances, neuron_dimensions, participation_ratio
 from llfc_core.permutation import PermutationSpec, SpecError, apply_permutation, random_perms
-from llfc_core.recipes import get_recipe
+from llfc_core.recipes import Recipe, get_recipe
+from llfc_core.train import get_or_train
 from llfc_core.book.width import Sweep, measure_cell
 
 torch.set_default_dtype(torch.float32)
@@ -144,7 +145,7 @@ def test_sweep_caches_each_cell_and_resumes(cache_dir):
 
 
 def _tiny_sweep():
-    return Sweep("tiny", "mnist", widths=(8, 16), pairs=2, epochs=1, train_subset=500, eval_train=200,
+    return Sweep("tiny", "mnist", widths=(8, 16), replicates=2, epochs=1, train_subset=500, eval_train=200,
                  eval_test=200, statistics=200)
 
 
@@ -173,12 +174,24 @@ def test_measure_cell_rows(cache_dir):
     out = measure_cell(cell)
     lmc = out["lmc"]
     assert set(lmc.method) == {"naive", "wm", "swm", "am"} and set(lmc.split) == {"train", "test"}
-    assert (lmc[["hidden_layers", "width", "lr", "pair"]].iloc[0].tolist() == [1, 8, 0.1, 0])
+    assert lmc[["hidden_layers", "width", "lr", "replicate"]].iloc[0].tolist() == [1, 8, 0.1, 0]
     assert out["layers"].depth.tolist()[:2] == [1, 2]  # the layer's own depth (relu1, logits), not the grid's
     # the endpoints do not depend on how B is permuted
     assert lmc.groupby("split").error_ends.nunique().eq(1).all()
-    naive = out["cost"][out["cost"].method == "naive"]
-    assert (naive.dist_plain > 0).all()
+    # The matched clouds are closer than the naive ones, where each method guarantees it. Sigma-WM solves
+    # fc1's permutation (the only one: one hidden layer) exactly in A's input norm, so its fc1 dist_sigma
+    # is at most naive's; WM maximises <A, pi(B)> over every permuted tensor, i.e. minimises the summed
+    # squared plain distance sum_l (dist_plain_l ||W~_A,l||)^2 (head.bias, never permuted, adds the same
+    # constant to every method).
+    cost = out["cost"].set_index(["method", "layer"])
+    assert set(cost.loc["naive"].index) == {"fc1", "head"}
+    assert cost.loc[("swm", "fc1"), "dist_sigma"] < cost.loc[("naive", "fc1"), "dist_sigma"] - 0.1  # 1.18 vs 1.44
+    recipe = Recipe(**dict(cell["recipe"], milestones=tuple(cell["recipe"]["milestones"])))
+    a, _ = get_or_train(recipe, *cell["seeds"]["a"], device="cpu")  # from the cache measure_cell filled
+    norm2 = {name: float(augmented_weight(m).double().norm() ** 2) for name, m in linear_ops(a).items()}
+    total = {method: sum(cost.loc[(method, l), "dist_plain"] ** 2 * norm2[l] for l in norm2) for method in ("naive", "wm")}
+    assert total["wm"] < 0.9 * total["naive"], total
+    assert cost.loc["wm"].dist_plain.mean() < cost.loc["naive"].dist_plain.mean()  # 1.23 vs 1.39
     dims = out["dims"]
     assert set(zip(dims.model, dims.stage)) == {("a", "init"), ("a", "trained"), ("b", "init"), ("b", "trained")}
     assert ((dims.pr_plain >= 1 - 1e-9) & (dims.pr_plain <= dims[["neurons", "fan_in"]].min(axis=1) + 1e-9)).all()
@@ -191,8 +204,8 @@ def _width_frames(matched_slope: float, naive_barrier: float, swm_factor: float,
     for setting, widths, lrs in (("w", (16, 64, 256, 1024), (0.1,)), ("lr", (512,), (1e-3, 1e-2, 3e-2, 1e-1))):
         for width in widths:
             for i, lr in enumerate(lrs):
-                for pair in range(2):
-                    cell = {"setting": setting, "hidden_layers": 1, "width": width, "lr": lr, "pair": pair}
+                for replicate in range(2):
+                    cell = {"setting": setting, "hidden_layers": 1, "width": width, "lr": lr, "replicate": replicate}
                     for method in ("naive", "wm", "swm", "am"):
                         if method == "naive":
                             b = naive_barrier

@@ -134,21 +134,27 @@ class Chapter:
         return frame
 
 
-def start(name: str, profile: str | None = None, setting_names: list | str | None = None, recompute: bool = False,
-          threads: int | None = None, **overrides) -> Chapter:
-    """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without.
-    `setting_names`: a subset of the profile's settings (default: the chapter's, else all of them)."""
-    configure_threads(threads)
+def resolve(name: str, profile: str | None = None, setting_names: list | str | None = None, **overrides) -> tuple:
+    """(profile, {name: Setting or Sweep}) a chapter runs: the profile argument, else $LLFC_PROFILE, else by
+    device; the settings named (default: the chapter's, else all of the profile's). Unknown names raise
+    KeyError naming the choices."""
     profile = profile or os.environ.get("LLFC_PROFILE") or profiles.default_profile()
     from .tables import CHAPTER_SETTINGS, SWEEP_CHAPTERS
 
     if name in SWEEP_CHAPTERS:  # chapter 5's "settings" are its sweeps
         if overrides:
             raise ValueError(f"chapter {name} runs sweeps; setting overrides {sorted(overrides)} do not apply")
-        chosen = get_sweeps(profile, setting_names)
-    else:
-        if setting_names is None:  # some chapters cover a subset by default (tables.CHAPTER_SETTINGS)
-            setting_names = CHAPTER_SETTINGS.get(name, {}).get(profile)
-        chosen = profiles.get_settings(profile, setting_names, **overrides)
+        return profile, get_sweeps(profile, setting_names)
+    if setting_names is None:  # some chapters cover a subset by default (tables.CHAPTER_SETTINGS)
+        setting_names = CHAPTER_SETTINGS.get(name, {}).get(profile)
+    return profile, profiles.get_settings(profile, setting_names, **overrides)
+
+
+def start(name: str, profile: str | None = None, setting_names: list | str | None = None, recompute: bool = False,
+          threads: int | None = None, **overrides) -> Chapter:
+    """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without.
+    `setting_names`: a subset of the profile's settings (default: the chapter's, else all of them)."""
+    configure_threads(threads)
+    profile, chosen = resolve(name, profile, setting_names, **overrides)
     print(f"chapter {name}: profile {profile!r}, device {default_device()}, settings {list(chosen)}")
     return Chapter(name, profile, chosen, recompute or os.environ.get("LLFC_RECOMPUTE") == "1")

@@ -41,6 +41,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(chapters) - set(CHAPTER_TABLES))
     if unknown:
         parser.error(f"unknown chapters {unknown}; choose from {sorted(CHAPTER_TABLES)}")
+    try:  # an unknown profile or setting is a usage error, found before any chapter computes
+        for name in chapters:
+            chapter.resolve(name, args.profile, args.settings)
+    except KeyError as e:
+        parser.error(e.args[0])
     run(args.profile, args.settings, args.recompute, chapters)
     return 0
 
