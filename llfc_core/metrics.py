@@ -21,11 +21,10 @@ with dist(x, y) = ||x - y||^2 / (||x|| ||y||), given over the whole data set (Fr
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -33,16 +32,11 @@ from torch import nn
 
 from .interpolate import corrected_interpolation
 from .permutation import check_same_architecture
+from .taps import LOGITS, Recorder, apply_linear, check_same_taps, find_taps
 
-LINEAR_OPS = (nn.Linear, nn.Conv2d)
-LOGITS = "logits"
 # Log-spaced bins for per-sample 1 - cos in [1e-10, 2] (below goes to a bin starting at 0): neighbouring
 # edges differ by 5 %, and a quantile is reported as its bin's geometric centre (within 2.5 %).
 _HIST_EDGES = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-10, math.log10(2.0), 480, dtype=torch.float64)])
-
-
-class TapError(ValueError):
-    """The model's taps cannot be measured (reused or in-place ReLU modules, missing layers)."""
 
 
 # ------------------------------------------------------------------------------------------ accumulator
@@ -114,83 +108,6 @@ def dist(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(((x - y) ** 2).sum() / (x.norm() * y.norm()))
 
 
-# ------------------------------------------------------------------------------------------------- taps
-def _record_call(order: list, name: str, module, inputs, output) -> None:
-    order.append(name)
-
-
-def find_taps(model: nn.Module, example: torch.Tensor) -> dict:
-    """Run one forward pass and list the tapped modules in execution order, with each layer's depth.
-
-    Returns {"relus": [...], "linears": [...], "depth": {name: l}} where depth counts feature layers
-    (ReLUs, then the logits at depth L) and a linear op gets the depth of the feature layer it feeds.
-    """
-    order: list[str] = []  # module names in the order they ran (a name twice: the module is reused)
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ReLU) and m.inplace:
-            raise TapError(f"ReLU {name!r} is in-place, which destroys its pre-activation; use nn.ReLU()")
-        if isinstance(m, (nn.ReLU, *LINEAR_OPS)):
-            handles.append(m.register_forward_hook(partial(_record_call, order, name)))
-    try:
-        with torch.no_grad():
-            model.eval()(example[:2])
-    finally:
-        for h in handles:
-            h.remove()
-    reused = sorted({n for n in order if order.count(n) > 1})
-    if reused:
-        raise TapError(f"modules {reused[:3]} run more than once per forward pass; give each use its own module")
-    modules = dict(model.named_modules())
-    relus = [n for n in order if isinstance(modules[n], nn.ReLU)]
-    if not relus:
-        raise TapError("the model has no nn.ReLU modules to measure (functional ReLUs cannot be tapped)")
-    depth, pending = {}, []
-    for n in order:
-        if isinstance(modules[n], nn.ReLU):
-            depth[n] = relus.index(n) + 1
-            for p in pending:
-                depth[p] = depth[n]
-            pending = []
-        else:
-            pending.append(n)
-    depth[LOGITS] = len(relus) + 1
-    for p in pending:
-        depth[p] = depth[LOGITS]
-    return {"relus": relus, "linears": [n for n in order if not isinstance(modules[n], nn.ReLU)], "depth": depth}
-
-
-class _Recorder:
-    """Forward hooks that keep a model's taps for the current batch."""
-
-    def __init__(self, model: nn.Module, relus: list[str], linears: list[str]):
-        self.pre, self.post, self.inputs = {}, {}, {}
-        modules = dict(model.named_modules())
-        self.handles = [modules[n].register_forward_hook(self._relu(n)) for n in relus]
-        self.handles += [modules[n].register_forward_hook(self._linear(n)) for n in linears]
-
-    def _relu(self, name):
-        def fn(module, inputs, output):
-            self.pre[name], self.post[name] = inputs[0].detach(), output.detach()
-        return fn
-
-    def _linear(self, name):
-        def fn(module, inputs, output):
-            self.inputs[name] = inputs[0].detach()
-        return fn
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _apply_linear(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The layer's own linear map with another weight and no bias (no unfolding of convolutions)."""
-    if isinstance(module, nn.Conv2d):
-        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
-    return F.linear(x, weight)
-
-
 # ------------------------------------------------------------------------------------------ the pass
 @dataclass
 class _LayerSums:
@@ -259,14 +176,14 @@ def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.
     first = next(batches)
     taps = find_taps(model_a, first[0])
     relus, linears = taps["relus"], taps["linears"]
-    _check_same_taps(model_b, first[0], taps)
+    check_same_taps(model_b, first[0], taps)
     if interpolated is None:
         interpolated = {a: corrected_interpolation(model_a, model_b, a, correction, calibration) for a in alphas}
     sums = _LayerSums(relus, linears, taps["depth"], sorted(interpolated))
     mods_a, mods_b = dict(model_a.named_modules()), dict(model_b.named_modules())
-    rec_a, rec_b = _Recorder(model_a.eval(), relus, linears), _Recorder(model_b.eval(), relus, linears)
+    rec_a, rec_b = Recorder(model_a.eval(), relus, linears), Recorder(model_b.eval(), relus, linears)
     try:
-        for x, _ in _chain(first, batches):
+        for x, _ in itertools.chain([first], batches):
             logits_a, logits_b = model_a(x), model_b(x)
             fa, fb = {**rec_a.post, LOGITS: logits_a}, {**rec_b.post, LOGITS: logits_b}
             for l in sums.feats:
@@ -274,9 +191,9 @@ def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.
             for l in linears:
                 m, wa, wb = mods_a[l], mods_a[l].weight, mods_b[l].weight
                 ha, hb = rec_a.inputs[l], rec_b.inputs[l]
-                lhs = _apply_linear(m, wa, ha) + _apply_linear(m, wb, hb)
-                rhs = _apply_linear(m, wa, hb) + _apply_linear(m, wb, ha)
-                sums.com[l].add(lhs, rhs, diff=_apply_linear(m, wa - wb, ha - hb))  # bilinearity, exact
+                lhs = apply_linear(m, wa, ha) + apply_linear(m, wb, hb)
+                rhs = apply_linear(m, wa, hb) + apply_linear(m, wb, ha)
+                sums.com[l].add(lhs, rhs, diff=apply_linear(m, wa - wb, ha - hb))  # bilinearity, exact
                 sums.hdist[l].add(ha, hb)
             for a in sums.alphas:
                 for l in relus:
@@ -298,18 +215,6 @@ def layer_summary(llfc: pd.DataFrame, conditions: pd.DataFrame) -> pd.DataFrame:
     frame["dist_sigma"] = frame.layer.map(sigma)
     frame["dist_com"] = frame.depth.map(com)
     return frame
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
-
-
-def _check_same_taps(model_b, example, taps_a) -> None:
-    taps_b = find_taps(model_b, example)
-    if taps_b["relus"] != taps_a["relus"] or taps_b["linears"] != taps_a["linears"]:
-        raise TapError("A and B have different layers: "
-                       f"{sorted(set(taps_a['relus'] + taps_a['linears']) ^ set(taps_b['relus'] + taps_b['linears']))[:5]}")
 
 
 class _CompareHook:
@@ -335,7 +240,6 @@ def _interpolated_features(model, x, relus, fa, fb, alpha, llfc) -> None:
     llfc[(LOGITS, alpha)].add(logits, alpha * fa[LOGITS] + (1 - alpha) * fb[LOGITS])
 
 
-# ----------------------------------------------------------------------------------------- appendix
 @torch.no_grad()
 def lemma1_check(curve: pd.DataFrame) -> pd.DataFrame:
     """Lemma 1: error(theta_alpha) <= 2 max(Err_A, Err_B). Per split: the worst error along alpha and the bound."""
@@ -346,165 +250,4 @@ def lemma1_check(curve: pd.DataFrame) -> pd.DataFrame:
         rows.append({**dict(zip(keys, group if isinstance(group, tuple) else (group,))),
                      "max_error": float(g.error.max()), "bound": 2 * float(ends.max()),
                      "holds": bool(g.error.max() <= 2 * ends.max())})
-    return pd.DataFrame(rows)
-
-
-class _Replace:
-    """Forward hook that replaces a module's output with a given tensor."""
-
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def __call__(self, module, inputs, output):
-        return self.value
-
-
-@torch.no_grad()
-def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.DataFrame:
-    """Feed A's layer-l feature into B's remaining layers (B's own output at l is replaced), per ReLU l."""
-    batches = list(batches)
-    taps = find_taps(model_a, batches[0][0])
-    wrong = {l: 0 for l in taps["relus"]}
-    total = 0
-    modules_b = dict(model_b.named_modules())
-    rec_a = _Recorder(model_a.eval(), taps["relus"], [])
-    try:
-        for x, y in batches:
-            model_a(x)
-            total += len(y)
-            for l in taps["relus"]:
-                h = modules_b[l].register_forward_hook(_Replace(rec_a.post[l]))
-                try:
-                    wrong[l] += int((model_b.eval()(x).argmax(1) != y).sum())
-                finally:
-                    h.remove()
-    finally:
-        rec_a.remove()
-    return pd.DataFrame([{"layer": l, "depth": taps["depth"][l], "stitch_error": wrong[l] / total} for l in taps["relus"]])
-
-
-@torch.no_grad()
-def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.25, 0.5, 0.75),
-                      layer_alphas=(0.5,), correction: str = "none", calibration: list | None = None) -> pd.DataFrame:
-    """Weight averaging against feature averaging. Rows ('layer'): 'weights' is theta_alpha itself and
-    'logits' the logit ensemble alpha f_A + (1 - alpha) f_B, at every alpha of `alphas`; a ReLU layer l
-    (at the alphas of `layer_alphas`, one forward pass each) is the network that runs A and B up to l,
-    takes alpha f_A + (1 - alpha) f_B there and continues with theta_alpha's remaining layers. Where LLFC
-    holds with c = 1 at l, the row for l errs like 'weights' (Theorem 1's conclusion, read forwards).
-    Columns: error, loss, and agreement, the share of samples on which the row predicts what the
-    ensemble predicts."""
-    batches = iter(batches)
-    first = next(batches)
-    taps = find_taps(model_a, first[0])
-    relus = taps["relus"]
-    every = sorted(set(alphas) | set(layer_alphas))
-    nets = {a: corrected_interpolation(model_a, model_b, a, correction, calibration).eval() for a in every}
-    modules = {a: dict(net.named_modules()) for a, net in nets.items()}
-    rows = {a: (["weights", LOGITS] if a in alphas else []) + (relus if a in layer_alphas else []) for a in every}
-    sums = {(a, r): torch.zeros(3, dtype=torch.float64) for a in every for r in rows[a]}  # loss, wrong, agree
-    total = 0
-    rec_a, rec_b = _Recorder(model_a.eval(), relus, []), _Recorder(model_b.eval(), relus, [])
-    try:
-        for x, y in _chain(first, batches):
-            logits_a, logits_b = model_a(x), model_b(x)
-            total += len(y)
-            for a, net in nets.items():
-                ensemble = a * logits_a + (1 - a) * logits_b
-                outputs = {r: _averaged_at(net, None if r == "weights" else modules[a][r], x, a,
-                                           rec_a.post.get(r), rec_b.post.get(r)) for r in rows[a] if r != LOGITS}
-                outputs[LOGITS] = ensemble
-                target = ensemble.argmax(1)
-                for r in rows[a]:
-                    out = outputs[r]
-                    pred = out.argmax(1)
-                    sums[(a, r)] += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double().cpu(),
-                                                 (pred != y).sum().double().cpu(), (pred == target).sum().double().cpu()])
-    finally:
-        rec_a.remove(), rec_b.remove()
-    depth = {"weights": 0, **taps["depth"]}
-    return pd.DataFrame([{"alpha": a, "layer": r, "depth": depth[r], "loss": float(v[0]) / total,
-                          "error": float(v[1]) / total, "agreement": float(v[2]) / total}
-                         for (a, r), v in sums.items()])
-
-
-def _averaged_at(net: nn.Module, module: nn.Module | None, x, alpha: float, feat_a, feat_b) -> torch.Tensor:
-    """theta_alpha's logits with `module`'s output replaced by the endpoints' averaged features there
-    (None: nothing replaced, theta_alpha itself)."""
-    if module is None:
-        return net(x)
-    hook = module.register_forward_hook(_Replace(alpha * feat_a + (1 - alpha) * feat_b))
-    try:
-        return net(x)
-    finally:
-        hook.remove()
-
-
-@torch.no_grad()
-def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 10) -> pd.DataFrame:
-    """Per ReLU layer: principal angles (degrees) between the top-k left singular subspaces of A's and B's
-    features (channels x (samples * positions)), from streamed Gram matrices. Columns: layer, depth, k,
-    mean_angle, max_angle, and energy_top_k_a, the share of A's feature energy in its top k directions."""
-    batches = iter(batches)
-    first = next(batches)
-    taps = find_taps(model_a, first[0])
-    relus = taps["relus"]
-    gram = {(t, l): 0.0 for t in "ab" for l in relus}
-    rec_a, rec_b = _Recorder(model_a.eval(), relus, []), _Recorder(model_b.eval(), relus, [])
-    try:
-        for x, _ in _chain(first, batches):
-            model_a(x), model_b(x)
-            for l in relus:
-                for t, rec in (("a", rec_a), ("b", rec_b)):
-                    f = rec.post[l]
-                    rows = f if f.dim() == 2 else f.movedim(1, -1).reshape(-1, f.shape[1])
-                    gram[(t, l)] = gram[(t, l)] + rows.double().T @ rows.double()
-    finally:
-        rec_a.remove(), rec_b.remove()
-    out = []
-    for l in relus:
-        (ev_a, u_a), (ev_b, u_b) = (torch.linalg.eigh(gram[(t, l)]) for t in "ab")
-        kk = min(k, u_a.shape[0])
-        angles = _subspace_angles(u_a[:, -kk:], u_b[:, -kk:])  # eigh sorts ascending
-        sv_a = ev_a.flip(0).clamp_min(0).sqrt()
-        out.append({"layer": l, "depth": taps["depth"][l], "k": kk, "mean_angle": float(np.mean(angles)),
-                    "max_angle": float(np.max(angles)),
-                    "energy_top_k_a": float((sv_a[:kk] ** 2).sum() / (sv_a ** 2).sum().clamp_min(1e-300))})
-    return pd.DataFrame(out)
-
-
-def _subspace_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> np.ndarray:
-    """Principal angles (degrees) between the column spaces of two orthonormal bases."""
-    return torch.rad2deg(torch.arccos(torch.linalg.svdvals(u_a.T @ u_b).clamp(-1, 1))).cpu().numpy()
-
-
-@torch.no_grad()
-def weight_principal_angles(model_a: nn.Module, model_b: nn.Module, k: int = 10) -> pd.DataFrame:
-    """Per linear op: principal angles (degrees) between the top-k left singular subspaces of W_A and W_B
-    (each weight as out x rest) - the weights' low-rank view of the official scripts/principal_angle.py,
-    as opposed to `principal_angles`, which compares the features. Needs no data."""
-    mods_b = dict(model_b.named_modules())
-    rows = []
-    for name, m in model_a.named_modules():
-        if isinstance(m, LINEAR_OPS):
-            wa, wb = (w.weight.detach().flatten(1).double().cpu() for w in (m, mods_b[name]))
-            kk = min(k, *wa.shape)
-            u_a, u_b = torch.linalg.svd(wa, full_matrices=False)[0], torch.linalg.svd(wb, full_matrices=False)[0]
-            angles = _subspace_angles(u_a[:, :kk], u_b[:, :kk])
-            rows.append({"layer": name, "k": kk, "mean_angle": float(np.mean(angles)), "max_angle": float(np.max(angles))})
-    return pd.DataFrame(rows)
-
-
-def weight_spectra(model: nn.Module) -> pd.DataFrame:
-    """The low-rank view of each linear op's weight (out x rest): normalised singular values s_i / s_1 at
-    a few ranks, the stable rank ||W||_F^2 / ||W||_2^2, and the share of ||W||_F^2 in the top 10 values."""
-    rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, LINEAR_OPS):
-            s = torch.linalg.svdvals(m.weight.detach().flatten(1).double().cpu())
-            energy = s ** 2
-            row = {"layer": name, "full_rank": len(s), "stable_rank": float(energy.sum() / energy[0]),
-                   "energy_top10": float(energy[:10].sum() / energy.sum())}
-            for k in (2, 5, 10, 20):
-                row[f"sv{k}"] = float(s[k - 1] / s[0]) if len(s) >= k else float("nan")
-            rows.append(row)
     return pd.DataFrame(rows)

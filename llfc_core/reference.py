@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .interpolate import interpolate
 from .matching import float_entries, solve_assignment, weight_matching_objective
-from .metrics import LOGITS, find_taps
+from .taps import LOGITS, find_taps
 from .permutation import identity_perms, permute_param
 
 

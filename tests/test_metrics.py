@@ -6,8 +6,9 @@ import torch
 
 from llfc_core import data
 from llfc_core.interpolate import interpolate
-from llfc_core.metrics import (LOGITS, PairAccumulator, layer_metrics, lemma1_check, principal_angles,
-                               stitching_errors)
+from llfc_core.metrics import PairAccumulator, layer_metrics, lemma1_check
+from llfc_core.probes import principal_angles, stitching_errors
+from llfc_core.taps import LOGITS
 from llfc_core.models import build_model
 from llfc_core.reference import layer_metrics_materialised
 
@@ -233,7 +234,7 @@ def test_lemma1_check():
 
 
 def test_weight_spectra_of_a_known_matrix():
-    from llfc_core.metrics import weight_spectra
+    from llfc_core.probes import weight_spectra
 
     model = build_model({"arch": "mlp", "in_features": 3, "widths": [3], "num_classes": 3})
     with torch.no_grad():
@@ -247,7 +248,7 @@ def test_weight_spectra_of_a_known_matrix():
 def test_weight_principal_angles_see_permutations_and_unrelated_weights():
     """B = a permuted copy of A: its weights span other subspaces until aligned, then every angle is 0;
     an unrelated network's are far from A's."""
-    from llfc_core.metrics import weight_principal_angles
+    from llfc_core.probes import weight_principal_angles
     from llfc_core.models import build_model
     from llfc_core.permutation import apply_permutation, inverse, random_perms
 
@@ -267,7 +268,7 @@ def test_weight_principal_angles_see_permutations_and_unrelated_weights():
 def test_feature_averaging_equals_weight_averaging_when_theorem1_holds_exactly():
     """Both conditions hold exactly, so LLFC holds with c = 1 in every layer: averaging the features at any
     layer (or the logits) gives theta_alpha's own predictions, sample by sample."""
-    from llfc_core.metrics import feature_averaging
+    from llfc_core.probes import feature_averaging
 
     a, b = conditions_pair()
     x, y = torch.randn(256, 6), torch.randint(0, 3, (256,))
@@ -279,7 +280,7 @@ def test_feature_averaging_equals_weight_averaging_when_theorem1_holds_exactly()
 
 
 def test_feature_averaging_ensemble_row_is_the_hand_computed_ensemble():
-    from llfc_core.metrics import feature_averaging
+    from llfc_core.probes import feature_averaging
 
     torch.manual_seed(0)
     config = {"arch": "mlp", "in_features": 20, "widths": [32, 32], "num_classes": 5}

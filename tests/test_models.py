@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from llfc_core.metrics import LOGITS, TapError, find_taps
+from llfc_core.taps import LOGITS, TapError, find_taps
 from llfc_core.models import build_model
 from llfc_core.permutation import SpecError, check_invariance
 
@@ -103,7 +103,7 @@ def assert_taps_follow_the_naming_scheme(model, x: torch.Tensor) -> None:
     before it (its pre-activation) and relu of that (its feature), with the documented shapes; the
     ReLUs are listed in execution order with depths 1..L-1, and every linear op has the depth of the ReLU
     its name says it feeds. Also used by tests/test_architectures.py for every registered architecture."""
-    from llfc_core.metrics import _Recorder  # what layer_metrics records per batch
+    from llfc_core.taps import Recorder  # what layer_metrics records per batch
 
     model.eval()
     taps = find_taps(model, x)
@@ -117,7 +117,7 @@ def assert_taps_follow_the_naming_scheme(model, x: torch.Tensor) -> None:
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items() if n]
-    rec = _Recorder(model, taps["relus"], taps["linears"])
+    rec = Recorder(model, taps["relus"], taps["linears"])
     try:
         with torch.no_grad():
             logits = model(x)

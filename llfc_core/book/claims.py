@@ -368,7 +368,7 @@ def cm_claims(lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list
 
 
 def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
-    """`averaging`: `metrics.feature_averaging` rows per (setting, pair). For an LMC pair, the error of
+    """`averaging`: `probes.feature_averaging` rows per (setting, pair). For an LMC pair, the error of
     feature averaging at each layer (and of the ensemble) differs from theta_alpha's by at most the gap
     at every alpha in at least the layer share; the naive pair's ensemble must part from theta_alpha."""
     rows, gap, share = [], tolerance("average_gap", profile), tolerance("layer_share", profile)

@@ -1,7 +1,6 @@
 """The few figure styles the chapters share (seaborn on tidy frames)."""
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns

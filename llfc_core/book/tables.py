@@ -23,8 +23,9 @@ import torch
 from .. import cache, data
 from ..interpolate import interpolation_curve
 from ..matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
-from ..metrics import (feature_averaging, find_taps, layer_metrics, layer_summary, principal_angles, stitching_errors,
-                      weight_principal_angles, weight_spectra)
+from ..metrics import layer_metrics, layer_summary
+from ..probes import feature_averaging, principal_angles, stitching_errors, weight_principal_angles, weight_spectra
+from ..taps import find_taps
 from .pairs import SettingModels, alignment_data, build_pairs, calibration, eval_splits, pair_perms, train_models
 from ..permutation import apply_permutation, identity_perms, random_perms
 from .profiles import SEEDS, Setting, setting_hash
@@ -156,7 +157,7 @@ def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
 
 
 def _depths(setting: Setting, model, device) -> dict:
-    """Each tapped layer's depth (`metrics.find_taps`), from one test batch."""
+    """Each tapped layer's depth (`taps.find_taps`), from one test batch."""
     return find_taps(model, next(_metric_batches(setting, device))[0])["depth"]
 
 
@@ -168,7 +169,7 @@ def _angles(setting: Setting, a, b, device, k: int) -> pd.DataFrame:
 
 
 def spectra_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
-    """'spectra': weight singular-value summaries (`metrics.weight_spectra`) of A, its spawn partner and the
+    """'spectra': weight singular-value summaries (`probes.weight_spectra`) of A, its spawn partner and the
     independent B, per linear op, with each layer's depth (chapter 4's low-rank view)."""
     device = device or default_device()
     models = train_models(setting, device)
@@ -236,7 +237,7 @@ def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[
 
 
 def averaging_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
-    """'averaging': weight averaging against feature averaging (`metrics.feature_averaging`) for every pair and CM,
+    """'averaging': weight averaging against feature averaging (`probes.feature_averaging`) for every pair and CM,
     on test data, under the paper's convention: theta_alpha and the ensemble at `alphas`, feature
     averaging at every ReLU layer at alpha = 0.5 (a forward pass per layer)."""
     device = device or default_device()
