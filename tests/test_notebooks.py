@@ -80,6 +80,14 @@ def test_every_chapter_opens_with_the_same_install_cell():
     assert not any(m and m.split(".")[0] == "llfc_core" for m in imported)
 
 
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_opens_in_colab_with_a_gpu(path):
+    """Opened from the book's launch button, Colab starts the runtime the notebook's metadata asks for: a GPU."""
+    metadata = nbformat.read(path, as_version=4).metadata
+    assert metadata.get("accelerator") == "GPU", f"{path.stem}: notebook metadata lacks \"accelerator\": \"GPU\""
+    assert metadata.get("colab", {}).get("provenance") == [], f"{path.stem}: metadata lacks \"colab\": {{\"provenance\": []}}"
+
+
 def resolves(name: str) -> bool:
     """A dotted name from the narrative: a claim id, or an attribute of llfc_core, of one of its modules,
     or of one of llfc_core.book's (`claims.lemma1`, `matching.covariance_weight_matching`)."""

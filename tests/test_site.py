@@ -156,10 +156,12 @@ def test_chapters_have_rendered_math_figures_and_data_links(built_book, browser)
     for chapter in sorted((built_book / "notebooks").glob("0*.html")):
         seen = visit(browser, chapter)
         assert seen["typeset"] > 0, chapter.name
+        assert all(i["ok"] for i in seen["images"]) and len(seen["images"]) >= 2, chapter.name
+        if chapter.name.startswith("00_"):  # the tour trains and plots in the notebook: no results tables
+            continue
         assert len(seen["figures"]) >= 2 and all(seen["figures"]), chapter.name
         csv_links = [h for h in seen["links"] if h.endswith(".csv")]
         assert csv_links and not broken_links(built_book, csv_links), chapter.name
-        assert all(i["ok"] for i in seen["images"]) and len(seen["images"]) >= 2, chapter.name
 
 
 def test_the_link_checker_finds_broken_links(tmp_path):
