@@ -142,8 +142,8 @@ def matching_frame(wm=(1.65, 0.7, 0.15), am=(1.8, 0.45, 0.09)):
     rows = []
     for method, (w, h, c) in {"identity": (2.0, 1.45, 2.0), "random": (2.0, 1.44, 2.0), "wm": wm, "am": am}.items():
         for layer in ("fc2", "fc3"):
-            rows.append({"setting": "mnist-mlp", "method": method, "layer": layer, "weight_gap": w,
-                         "feature_gap": h, "dist_com": c})
+            rows.append({"setting": "mnist-mlp", "method": method, "layer": layer, "dist_w": w,
+                         "dist_h": h, "dist_com": c})
     return pd.DataFrame(rows)
 
 
@@ -159,7 +159,7 @@ def chapter4(**kw):
 def test_factor_decomposition_is_exact():
     table = claims.factor_decomposition(matching_frame()).set_index("method")
     wm = table.loc["wm"]
-    assert wm.share_weight_gap + wm.share_feature_gap + wm.share_alignment == pytest.approx(1.0)
+    assert wm.share_dist_w + wm.share_dist_h + wm.share_alignment == pytest.approx(1.0)
     assert wm.alignment == pytest.approx(0.15 / (1.65 * 0.7))
 
 

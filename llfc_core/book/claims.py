@@ -27,7 +27,7 @@ LMC_PAIRS = {"mnist-mlp": ("spawn", "wm", "am", "ste"), "cifar10-mlp": ("spawn",
 # The convention every claim is checked under: the paper's. The official scripts (zzp1012/LLFC
 # scripts/LMC.py, LLFC.py) interpolate the whole state dict, BatchNorm running statistics included, and
 # do not recompute them. Rows under other conventions ('bn_reset') are shown beside it, not checked.
-CONVENTION = "none"
+PAPER_CORRECTION = "none"
 
 TOLERANCES = {
     # Error barrier (fraction) an LMC pair may have: Git Re-Basin and the LLFC paper call a pair
@@ -128,16 +128,16 @@ def _lmc(setting: str, pair: str) -> bool:
 
 
 def checked(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows the claims are checked on: those under `CONVENTION` (frames without conventions: all)."""
-    return frame[frame.correction == CONVENTION] if "correction" in frame.columns else frame
+    """The rows the claims are checked on: those under `PAPER_CORRECTION` (frames without conventions: all)."""
+    return frame[frame.correction == PAPER_CORRECTION] if "correction" in frame.columns else frame
 
 
 def both_conventions(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the settings reported under a convention besides `CONVENTION` (the BatchNorm settings,
+    """The rows of the settings reported under a convention besides `PAPER_CORRECTION` (the BatchNorm settings,
     whose `bn_reset` rows the chapters set beside the paper's), every convention included."""
     if "correction" not in frame.columns:
         return frame.iloc[:0]
-    return frame[frame.setting.isin(frame[frame.correction != CONVENTION].setting.unique())]
+    return frame[frame.setting.isin(frame[frame.correction != PAPER_CORRECTION].setting.unique())]
 
 
 def beside_naive(frame: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
@@ -223,7 +223,7 @@ def chapter2(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
 
 def lemma1(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     """Lemma 1 through its premise, for every (setting, pair) of `llfc` (chapter 2's tables, checked under
-    `CONVENTION`). `lemma1.premise`: LLFC at the logits, their cos_dist (max over alpha) at most the LLFC
+    `PAPER_CORRECTION`). `lemma1.premise`: LLFC at the logits, their cos_dist (max over alpha) at most the LLFC
     level. `lemma1.bound`, only where the premise holds and `lmc` has the pair's test curve: the worst test
     error along alpha at most 2 max(Err_A, Err_B), the errors of the curve's endpoints. `chapter2` adds these
     rows for the LMC pairs; chapter 2's table shows them for every pair."""
@@ -287,18 +287,18 @@ def theorem1_layers(llfc: pd.DataFrame, conditions: pd.DataFrame, alpha: float =
 # --------------------------------------------------------------------------------------- chapter 4
 def factor_decomposition(matching: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, method): medians over hidden linear ops of the weight gap, the feature gap, Dist_com,
-    and alignment = Dist_com / (weight_gap x feature_gap). Against B unpermuted ('identity'), the drop
+    and alignment = Dist_com / (dist_w x dist_h). Against B unpermuted ('identity'), the drop
     log(Dist_com_id / Dist_com) is exactly the sum of the log-drops of the three (of the medians' ratio),
     and `share_*` says how much of it each explains."""
-    hidden = matching[matching.feature_gap > 0].assign(
-        alignment=lambda f: f.dist_com / (f.weight_gap * f.feature_gap))
-    med = hidden.groupby(["setting", "method"], sort=False)[["weight_gap", "feature_gap", "dist_com", "alignment"]].median()
+    hidden = matching[matching.dist_h > 0].assign(
+        alignment=lambda f: f.dist_com / (f.dist_w * f.dist_h))
+    med = hidden.groupby(["setting", "method"], sort=False)[["dist_w", "dist_h", "dist_com", "alignment"]].median()
     rows = []
     for (setting, method), m in med.iterrows():
         if (setting, "identity") not in med.index:
             continue
         ident = med.loc[(setting, "identity")]
-        drops = {k: float(np.log(ident[k] / m[k])) for k in ("weight_gap", "feature_gap", "alignment")}
+        drops = {k: float(np.log(ident[k] / m[k])) for k in ("dist_w", "dist_h", "alignment")}
         total = sum(drops.values())
         rows.append({"setting": setting, "method": method, **m.to_dict(), "log_drop": total,
                      **{f"share_{k}": (v / total if total > 0 else float("nan")) for k, v in drops.items()}})
@@ -326,17 +326,17 @@ def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame,
             com = t.loc[method, "dist_com"]
             rows.append(_row("match.com_drop", setting, method, com, bound, com <= bound,
                              f"median Dist_com {com:.4f} vs {drop_tol} x unpermuted {bound / drop_tol:.4f}"))
-            shares = {k: t.loc[method, f"share_{k}"] for k in ("weight_gap", "feature_gap", "alignment")}
+            shares = {k: t.loc[method, f"share_{k}"] for k in ("dist_w", "dist_h", "alignment")}
             top = max(shares, key=shares.get)
             rows.append(_row("match.alignment_dominates", setting, method, shares["alignment"], max(
-                shares["weight_gap"], shares["feature_gap"]), top == "alignment",
+                shares["dist_w"], shares["dist_h"]), top == "alignment",
                 "share of the log-drop: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())))
         if {"wm", "am"} <= set(t.index):
-            w_ok = t.loc["wm", "weight_gap"] < t.loc["am", "weight_gap"]
-            h_ok = t.loc["am", "feature_gap"] < t.loc["wm", "feature_gap"]
+            w_ok = t.loc["wm", "dist_w"] < t.loc["am", "dist_w"]
+            h_ok = t.loc["am", "dist_h"] < t.loc["wm", "dist_h"]
             rows.append(_row("match.each_its_factor", setting, "wm/am", float(w_ok and h_ok), 1.0, w_ok and h_ok,
-                             f"weight gap WM {t.loc['wm', 'weight_gap']:.3f} vs AM {t.loc['am', 'weight_gap']:.3f}; "
-                             f"feature gap AM {t.loc['am', 'feature_gap']:.3f} vs WM {t.loc['wm', 'feature_gap']:.3f}"))
+                             f"weight gap WM {t.loc['wm', 'dist_w']:.3f} vs AM {t.loc['am', 'dist_w']:.3f}; "
+                             f"feature gap AM {t.loc['am', 'dist_h']:.3f} vs WM {t.loc['wm', 'dist_h']:.3f}"))
     return rows
 
 
@@ -398,7 +398,7 @@ def averaging_changes(averaging: pd.DataFrame) -> pd.DataFrame:
 
 
 def spawn_barriers(spawn_lmc: pd.DataFrame) -> pd.DataFrame:
-    """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `CONVENTION`
+    """`interpolate.barriers` per (setting, spawn epoch, split) of the spawn study, under `PAPER_CORRECTION`
     (an empty study: no rows)."""
     from ..interpolate import barriers
 

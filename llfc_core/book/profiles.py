@@ -38,7 +38,7 @@ class Setting:
     pairs: tuple = ("spawn", "naive", "wm", "am")
     spawn_epoch: int = 1
     # How theta_alpha is evaluated, each convention reported side by side: 'none' | 'bn_reset' | 'repair'.
-    # The claims are checked under `claims.CONVENTION` ('none': the official scripts, see BN_CONVENTIONS).
+    # The claims are checked under `claims.PAPER_CORRECTION` ('none': the official scripts, see BN_CORRECTIONS).
     corrections: tuple = ("none",)
     curve_points: int = 21              # evenly spaced alphas on the interpolation curve
     eval_train: int | None = 10000      # train samples for the curves (None: all)
@@ -86,16 +86,16 @@ def _conv(name, model, **kw) -> Recipe:
 # scripts/LLFC.py (zzp1012/LLFC) interpolate the whole state dict, running statistics included, and
 # evaluate without recomputing them. 'bn_reset' recomputes them on training data (Git Re-Basin's and
 # REPAIR's convention), which is what makes naive and matched BN pairs comparable at all.
-BN_CONVENTIONS = ("none", "bn_reset")
+BN_CORRECTIONS = ("none", "bn_reset")
 
 # What each setting measures, as in the paper (recipes: `llfc_core.recipes`).
 BASE: dict[str, Setting] = {
     "mnist-mlp": Setting("mnist-mlp", get_recipe("rebasin-mlp-mnist"), pairs=PAIRS),
     "cifar10-mlp": Setting("cifar10-mlp", get_recipe("rebasin-mlp-cifar10"), pairs=PAIRS),
     "cifar10-vgg16": Setting("cifar10-vgg16", get_recipe("paper-vgg16-bn"), pairs=("spawn", "naive", "wm"),
-                             spawn_epoch=5, corrections=BN_CONVENTIONS),
+                             spawn_epoch=5, corrections=BN_CORRECTIONS),
     "cifar10-resnet20": Setting("cifar10-resnet20", get_recipe("paper-resnet20-bn"), pairs=("spawn", "naive", "wm"),
-                                spawn_epoch=5, corrections=BN_CONVENTIONS),
+                                spawn_epoch=5, corrections=BN_CORRECTIONS),
     "cifar10-resnet20x32-ln": Setting("cifar10-resnet20x32-ln", get_recipe("rebasin-resnet20x32-ln"),
                                       pairs=("naive", "wm", "am")),
 }

@@ -24,7 +24,7 @@ TABLE_COLUMNS = {  # the documented columns come first, extras follow
     "lmc": ["setting", "pair", "correction", "split", "alpha", "loss", "error"],
     "llfc": ["setting", "pair", "correction", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
     "conditions": ["setting", "pair", "layer", "depth", "alpha", "dist_sigma", "dist_com", "dist_w", "dist_h"],
-    "matching": ["setting", "method", "layer", "depth", "weight_gap", "feature_gap", "dist_com"],
+    "matching": ["setting", "method", "layer", "depth", "dist_w", "dist_h", "dist_com"],
 }
 
 

@@ -135,8 +135,7 @@ def matching_tables(setting: Setting, device=None, seed: int = 0) -> dict[str, p
 def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
     cond = layer_metrics(a, b, _metric_batches(setting, device), alphas=(0.5,))["conditions"]
     cond = cond[cond.kind == "linear"]
-    return cond.rename(columns={"dist_w": "weight_gap", "dist_h": "feature_gap"})[
-        ["layer", "depth", "weight_gap", "feature_gap", "dist_com", "dist_com_sample"]]
+    return cond[["layer", "depth", "dist_w", "dist_h", "dist_com", "dist_com_sample"]]
 
 
 def appendix_tables(setting: Setting, device=None, k: int = 10) -> dict[str, pd.DataFrame]:
