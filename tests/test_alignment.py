@@ -3,7 +3,7 @@ name what is wrong, and `align(name, ...)` is exactly the family function (the r
 import pytest
 import torch
 
-from llfc_core.matching import (ALIGNMENTS, METHODS, AlignmentData, MatchResult, activation_matching, align,
+from llfc_core.matching import (ALIGNMENTS, incoming_weight_matching, METHODS, AlignmentData, MatchResult, activation_matching, align,
                                 commutativity_matching, commutativity_moments, covariance_weight_matching,
                                 identity_alignment, register, ste_matching, weight_matching)
 from llfc_core.models import build_model
@@ -12,7 +12,7 @@ from llfc_core.permutation import apply_permutation, inverse, random_perms
 
 from .test_models import CONFIGS, randomise_norm_stats
 
-GOALS = {"naive": "max", "wm": "max", "swm": "max", "am": "max", "ste": "min", "cm": "min"}
+GOALS = {"naive": "max", "wm": "max", "swm": "max", "am": "max", "ste": "min", "cm": "min", "iwm": "min"}
 OPTIONS = {"ste": {"epochs": 2}, "cm": {"max_sweeps": 3}}  # small enough for a test (seconds)
 
 
@@ -68,7 +68,7 @@ def test_naive_returns_identity(planted):
 def test_unknown_method_names_the_known_ones(independent):
     a, b = independent
     with pytest.raises(ValueError, match="unknown alignment method 'git-rebasin'; known methods: "
-                                         "naive, wm, swm, am, ste, cm"):
+                                         "naive, wm, swm, am, ste, cm, iwm"):
         align("git-rebasin", a, b)
 
 
@@ -86,7 +86,7 @@ def test_a_data_driven_method_without_its_data_names_the_missing_field(name, fie
 
 
 def test_alignments_are_the_registry_in_display_order_and_results_report_their_goal(independent):
-    assert ALIGNMENTS == tuple(METHODS) == ("naive", "wm", "swm", "am", "ste", "cm")
+    assert ALIGNMENTS == tuple(METHODS) == ("naive", "wm", "swm", "am", "ste", "cm", "iwm")
     assert {n: m.goal for n, m in METHODS.items()} == GOALS
     assert METHODS["naive"].label == "no alignment" and METHODS["naive"].needs == () == METHODS["wm"].needs
     assert all(m.name == n and m.label and m.source for n, m in METHODS.items())
@@ -117,6 +117,7 @@ def _direct(name, a, b, spec, data, **options):
         "am": lambda: activation_matching(a, b, spec, data.batches, **options),
         "ste": lambda: ste_matching(a, b, spec, data.epoch_batches, **options),
         "cm": lambda: commutativity_matching(a, b, spec, data.batches, **options),
+        "iwm": lambda: incoming_weight_matching(a, b, spec, **options),
     }[name]()
 
 

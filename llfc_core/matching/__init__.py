@@ -6,6 +6,7 @@
     am     activation matching                                     activation.py
     ste    straight-through estimator (Git Re-Basin)               ste.py
     cm     commutativity matching                                  commutativity.py
+    iwm    incoming-weight matching (Ferbach et al.'s plain WM)    incoming.py
 
 `align(name, model_a, model_b, data=AlignmentData(...), **options)` runs any of them by name; `METHODS[name]`
 says what it learns from (`needs`), whether its objective is maximised or minimised (`goal`) and where it
@@ -129,8 +130,9 @@ from .covariance import covariance_weight_matching  # noqa: E402
 from .activation import activation_matching  # noqa: E402
 from .ste import ste_matching  # noqa: E402
 from .commutativity import commutativity_matching, commutativity_moments, commutativity_objective  # noqa: E402
+from .incoming import incoming_weight_matching  # noqa: E402
 
-ALIGNMENTS: tuple[str, ...] = tuple(METHODS)  # ('naive', 'wm', 'swm', 'am', 'ste', 'cm')
+ALIGNMENTS: tuple[str, ...] = tuple(METHODS)  # ('naive', 'wm', 'swm', 'am', 'ste', 'cm', 'iwm')
 
 __all__ = ["ALIGNMENTS", "AlignmentData", "GOALS", "METHODS", "MatchResult", "Method", "activation_matching", "align",
            "commutativity_matching", "commutativity_moments", "commutativity_objective", "covariance_weight_matching",
