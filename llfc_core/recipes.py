@@ -2,12 +2,16 @@
 
 A recipe fixes everything about *how* a network is trained; the seeds (init, data order) and the
 spawn point are passed beside it, so one recipe makes many networks. Change a field with
-`dataclasses.replace(recipe, epochs=3)`; every field goes into the cache key.
+`dataclasses.replace(recipe, epochs=3)`; every field goes into the cache key, `precision` resolved:
+`to_dict()` leaves it out and `train.model_config` adds the precision training actually ran in
+(`runtime.training_precision`) when it is not fp32, so fp32 models keep the keys they always had.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+
+from .runtime import PRECISION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Recipe:
     augment: bool = False             # random crop (pad 4) + horizontal flip, on the device
     train_subset: int | None = None   # train on a fixed random subset (CPU profiles)
     extra: dict = field(default_factory=dict)  # free-form notes that should also key the cache
+    precision: str = "auto"           # 'auto' | 'fp32' | 'bf16' | 'fp16': see runtime.training_precision
 
     def __post_init__(self):
         if self.dataset not in ("mnist", "cifar10"):
@@ -39,10 +44,15 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: unknown schedule {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"recipe {self.name!r}: epochs, batch size and lr must be positive")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"recipe {self.name!r}: unknown precision {self.precision!r}; "
+                             f"choose from {', '.join(PRECISION_CHOICES)}")
 
     def to_dict(self) -> dict:
+        """The recipe as JSON-friendly data, without `precision` (it keys models resolved, see above)."""
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        del d["precision"]
         return d
 
     def lr_at(self, epoch: float) -> float:

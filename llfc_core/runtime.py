@@ -1,8 +1,13 @@
-"""Process-wide settings: thread count, devices and the default folders.
+"""Process-wide settings: thread count, devices, training precision and the default folders.
 
 Torch with 2 threads on a 2-core machine slows down 15-30x as soon as another process competes for
 the cores, so the thread count is a setting (LLFC_THREADS) rather than torch's guess; tests and CI
 use 1.
+
+Training precision is one policy on every device (`training_precision`): bf16 autocast where the
+hardware computes in bf16 natively (CUDA compute capability >= 8.0; a CPU with AVX-512 BF16 or AMX),
+fp16 autocast with a gradient scaler on older GPUs (a T4 is 7.5), fp32 elsewhere; $LLFC_PRECISION
+overrides it. Master weights, optimizer state and evaluation stay fp32 in every case.
 """
 from __future__ import annotations
 
@@ -28,6 +33,55 @@ def default_device() -> torch.device:
     if os.environ.get("LLFC_DEVICE"):
         return torch.device(os.environ["LLFC_DEVICE"])
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")    # what training runs in (resolved)
+PRECISION_CHOICES = PRECISIONS + ("auto",)  # what a recipe or $LLFC_PRECISION may ask for
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (x86 AVX-512 BF16 or AMX tiles), which is what makes
+    bf16 autocast faster than fp32 here.
+
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is not used: it asks oneDNN whether bf16 *runs*, which
+    it also does, emulated, on any AVX-512 CPU without bf16 instructions. Other CPUs (ARM, Apple) are
+    reported as without: set LLFC_PRECISION=bf16 there to try it.
+    """
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers: fall back to the kernel's CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_precision(device=None, requested: str = "auto") -> str:
+    """The precision training runs in on `device` (default: `default_device()`): 'fp32', 'bf16' or 'fp16'.
+
+    $LLFC_PRECISION (fp32 | bf16 | fp16 | auto), when set, overrides `requested`. 'auto' resolves to
+    'bf16' on CUDA with compute capability >= 8.0, 'fp16' on older CUDA devices (no bf16 tensor cores),
+    'bf16' on a CPU with native bf16 (`cpu_has_native_bf16`), else 'fp32'. fp16 on the CPU is refused.
+    """
+    env = os.environ.get("LLFC_PRECISION") or None  # set but empty counts as unset
+    for origin, value in (("requested precision", requested), ("$LLFC_PRECISION", env)):
+        if value is not None and value not in PRECISION_CHOICES:
+            raise ValueError(f"{origin} must be one of {', '.join(PRECISION_CHOICES)}; got {value!r}")
+    choice = env or requested
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        if choice != "auto":
+            return choice
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16"
+    if choice == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 training on the CPU is refused (fp16 needs a gradient scaler and CPUs gain "
+                         "nothing over bf16, which needs none): use 'bf16' or 'fp32'"
+                         + (" (the value came from $LLFC_PRECISION)" if env else ""))
+    if choice == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return choice
 
 
 def repo_root() -> Path:

@@ -11,7 +11,7 @@ from ..matching import AlignmentData, align
 from ..permutation import apply_permutation
 from .profiles import SEEDS, Setting
 from ..runtime import default_device
-from ..train import dataset_on, get_or_train, model_config, spawn_point
+from ..train import dataset_on, get_or_train, model_identity
 
 # Each fixed random subset has its own seed, so changing the size of one leaves the others as they were.
 SUBSET_SEEDS = {"statistics": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
@@ -43,13 +43,10 @@ def model_plan(setting: Setting) -> dict[str, tuple]:
     return plan
 
 
-def model_hashes(setting: Setting) -> dict[str, str]:
+def model_hashes(setting: Setting, device=None) -> dict[str, str]:
     """The cache keys of a setting's models, without training anything."""
-    out = {}
-    for name, (init, data_seed, spawn) in model_plan(setting).items():
-        point = spawn_point(setting.recipe, spawn["spawn_epoch"], spawn["parent_data_seed"]) if spawn else None
-        out[name] = cache.config_hash(model_config(setting.recipe, init, data_seed, point))
-    return out
+    return {name: model_identity(setting.recipe, init, data_seed, device=device or default_device(), **(spawn or {}))[1]
+            for name, (init, data_seed, spawn) in model_plan(setting).items()}
 
 
 def train_models(setting: Setting, device=None) -> SettingModels:

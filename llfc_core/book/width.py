@@ -29,7 +29,7 @@ from ..neurons import input_moments, matching_distances, neuron_dimensions
 from .pairs import STATS_BATCH, SUBSET_SEEDS
 from ..permutation import apply_permutation
 from ..recipes import Recipe
-from ..runtime import default_device
+from ..runtime import default_device, training_precision
 from ..train import dataset_on, get_or_train, new_state
 
 METHODS = ("naive", "wm", "swm", "am")  # of `matching.ALIGNMENTS`; swm: Ferbach et al.'s covariance-weighted WM
@@ -64,6 +64,7 @@ class Sweep:
     eval_test: int | None = 1000      # ... and for the layer metrics
     statistics: int = 2000            # training samples for Sigma, AM and the dimensions
     methods: tuple = METHODS
+    precision: str = "auto"           # training precision (runtime.training_precision); cpu sweeps pin fp32
     gpu_fraction: float = 0.25        # of one GPU per cell on Ray (several small trainings share one)
     notes: str = ""
 
@@ -77,20 +78,27 @@ class Sweep:
                  "num_classes": 10}
         return Recipe(f"sweep-mlp-{self.dataset}", self.dataset, model, epochs=self.epochs, batch_size=self.batch_size,
                       optimizer="sgd", lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
-                      schedule="cosine", warmup_epochs=self.warmup_epochs, train_subset=self.train_subset)
+                      schedule="cosine", warmup_epochs=self.warmup_epochs, train_subset=self.train_subset,
+                      precision=self.precision)
 
     def cells(self) -> list[dict]:
         """One JSON-able dict per grid point: everything its results depend on, nothing else (no name),
         so two sweeps sharing a grid point share its cache entry."""
+        # the precision the cells train in, resolved here (the recipe's dict leaves it out); recorded when not fp32
+        precision = {} if self.resolved_precision() == "fp32" else {"precision": self.resolved_precision()}
         return [{"recipe": self.recipe(h, w, lr).to_dict(), "grid": {"hidden_layers": h, "width": w, "lr": lr, "replicate": k},
                  "seeds": {"a": [2 * k, 2 * k], "b": [2 * k + 1, 2 * k + 1]}, "eval_train": self.eval_train,
                  "eval_test": self.eval_test, "statistics": self.statistics, "methods": list(self.methods),
-                 "alphas": list(ALPHAS), "version": CELL_VERSION}
+                 "alphas": list(ALPHAS), "version": CELL_VERSION, **precision}
                 for h in self.hidden_layers for w in self.widths for lr in self.lrs for k in range(self.replicates)]
+
+    def resolved_precision(self) -> str:
+        return training_precision(default_device(), self.precision)
 
     def results_hash(self) -> str:
         d = dataclasses.asdict(self)
         d.pop("gpu_fraction")  # where a cell runs does not change its numbers
+        d["precision"] = self.resolved_precision()
         return cache.config_hash({"sweep": d, "cell_version": CELL_VERSION})
 
     def provenance(self) -> dict:
@@ -114,10 +122,11 @@ SWEEPS: dict[str, dict[str, Sweep]] = {
                                     eval_train=300, eval_test=300, statistics=300),
               "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(16,), lrs=(1e-3, 1e-2, 1e-1), replicates=1,
                                 epochs=1, train_subset=1000, eval_train=300, eval_test=300, statistics=300)},
-    "cpu": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS),
-            "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS),
-            "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024)),
-            "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=_LRS, epochs=10)},
+    # cpu: fp32, as its committed cells were trained (the device's policy comes with their recomputation)
+    "cpu": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS, precision="fp32"),
+            "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS, precision="fp32"),
+            "cifar10-depth3": Sweep("cifar10-depth3", "cifar10", hidden_layers=(3,), widths=(64, 256, 1024), precision="fp32"),
+            "mnist-lr": Sweep("mnist-lr", "mnist", hidden_layers=(3,), widths=(512,), lrs=_LRS, epochs=10, precision="fp32")},
     "paper": {"mnist-depth1": Sweep("mnist-depth1", "mnist", widths=_WIDTHS + (4096,), replicates=5, epochs=20,
                                     train_subset=None, eval_train=10000, eval_test=None, statistics=5000),
               "mnist-depth3": Sweep("mnist-depth3", "mnist", hidden_layers=(3,), widths=_WIDTHS + (4096,), replicates=5, epochs=20,
@@ -148,7 +157,8 @@ def get_sweeps(profile: str, names: list | str | None = None) -> dict[str, Sweep
 def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     """Train or load the cell's A and B, align B by each method and measure (see the module docstring)."""
     device = default_device()
-    recipe = Recipe(**dict(cell["recipe"], milestones=tuple(cell["recipe"]["milestones"])))
+    recipe = Recipe(**dict(cell["recipe"], milestones=tuple(cell["recipe"]["milestones"]),
+                           precision=cell.get("precision", "fp32")))
     (init_a, data_a), (init_b, data_b) = cell["seeds"]["a"], cell["seeds"]["b"]
     a, _ = get_or_train(recipe, init_a, data_a, device=device)
     b, _ = get_or_train(recipe, init_b, data_b, device=device)
