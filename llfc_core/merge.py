@@ -5,7 +5,7 @@ network of the architecture of A and B whose every linear op reproduces, as well
 the alpha-average of A's and B's outputs of that op.
 
 `merge_by_features(A, B, batches)` fits the linear ops (nn.Linear / nn.Conv2d) one at a time in forward
-order (`llfc_core.metrics.find_taps`). Op k is fitted in closed form by ridge least squares
+order (`llfc_core.taps.find_taps`). Op k is fitted in closed form by ridge least squares
 
     min_{W, b}  sum_rows || W z + b - (alpha y_A + (1 - alpha) y_B) ||^2  +  lam ||W||_F^2,
     lam = ridge * tr(Z^T Z) / dim(z)      (relative to the mean diagonal of the Gram matrix; b is not penalised)
@@ -40,7 +40,7 @@ ensemble argmax(alpha softmax(A) + (1 - alpha) softmax(B)), with X's error and l
 *probability* average (a mixture of the two predictive distributions): its log is a proper
 log-probability, so its loss is the mixture's cross-entropy, and it does not depend on how A's and B's
 logits are shifted or scaled against each other. (The logit average is theta_alpha's LLFC target at the
-last layer; `llfc_core.metrics.feature_averaging` reports agreement with that one; pass
+last layer; `llfc_core.probes.feature_averaging` reports agreement with that one; pass
 ensemble="logits" here for it.)
 
 `merge_comparison(...)`: A, B, the output ensemble, theta_alpha and the feature merge (with and without
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation, has_batchnorm
-from .metrics import find_taps
+from .taps import find_taps, probe_forward
 from .permutation import check_same_architecture
 
 LINEAR_OPS = (nn.Linear, nn.Conv2d)
@@ -145,12 +145,7 @@ def _norm_after_ops(model: nn.Module, x: torch.Tensor, ops: list[str]) -> tuple[
 
     handles = [modules[n].register_forward_hook(op_hook(n)) for n in ops]
     handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in model.named_modules() if isinstance(m, BATCHNORMS)]
-    try:
-        with torch.no_grad():
-            model.eval()(x[:2])
-    finally:
-        for h in handles:
-            h.remove()
+    probe_forward(model, x, handles)
     if orphans:
         raise MergeError(f"BatchNorm {orphans[0]!r} does not take a linear op's output directly; the merge can only "
                          "fold a BatchNorm that directly follows an nn.Linear / nn.Conv2d")

@@ -26,6 +26,17 @@ def _record_call(order: list, name: str, module, inputs, output) -> None:
     order.append(name)
 
 
+def probe_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One eval-mode forward pass on two samples of `example`, for the hooks `handles` to observe the
+    model's structure; the hooks are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            model.eval()(example[:2])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def find_taps(model: nn.Module, example: torch.Tensor) -> dict:
     """Run one forward pass and list the tapped modules in execution order, with each layer's depth.
 
@@ -39,12 +50,7 @@ def find_taps(model: nn.Module, example: torch.Tensor) -> dict:
             raise TapError(f"ReLU {name!r} is in-place, which destroys its pre-activation; use nn.ReLU()")
         if isinstance(m, (nn.ReLU, *LINEAR_OPS)):
             handles.append(m.register_forward_hook(partial(_record_call, order, name)))
-    try:
-        with torch.no_grad():
-            model.eval()(example[:2])
-    finally:
-        for h in handles:
-            h.remove()
+    probe_forward(model, example, handles)
     reused = sorted({n for n in order if order.count(n) > 1})
     if reused:
         raise TapError(f"modules {reused[:3]} run more than once per forward pass; give each use its own module")

@@ -7,7 +7,7 @@ from torch import nn
 
 from llfc_core.interpolate import interpolate
 from llfc_core.merge import (MergeError, OutputEnsemble, ensemble_agreement, merge_by_features, merge_comparison)
-from llfc_core.metrics import find_taps
+from llfc_core.taps import find_taps
 from llfc_core.models import build_model
 from llfc_core.permutation import SpecError, apply_permutation, random_perms
 

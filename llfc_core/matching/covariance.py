@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..neurons import augmented_weight, input_moments, linear_ops
-from ..permutation import PermutationSpec, SpecError, check_same_architecture, identity_perms
-from . import MatchResult, patch_index, register, solve_assignment
+from ..neurons import input_moments
+from ..permutation import PermutationSpec
+from . import MatchResult, register
+from .layerwise import solve_layerwise
 
 
 @torch.no_grad()
@@ -23,29 +24,12 @@ def covariance_weight_matching(model_a, model_b, spec: PermutationSpec, batches,
     Permutations are solved in forward order of the ops whose outputs they permute; one that several ops
     produce (a residual stream) sums their costs. A spec where an op's input permutation is not yet known
     when its output's is solved (no feed-forward order) is refused."""
-    check_same_architecture(model_a.state_dict(), model_b.state_dict())
     moments = moments if moments is not None else input_moments(model_a, batches)
-    ops_a, ops_b = linear_ops(model_a), linear_ops(model_b)
-    perms = identity_perms(spec.sizes(model_a.state_dict()))
-    axes = {n: spec.axes.get(f"{n}.weight", (None, None))[:2] for n in ops_a}
-    solved, total = set(), 0.0
-    for p in dict.fromkeys(out for out, _ in axes.values() if out is not None):
-        cost = 0.0
-        for n in (n for n, (out, _) in axes.items() if out == p):
-            p_in = axes[n][1]
-            if p_in is not None and p_in not in solved:
-                raise SpecError(f"covariance weight matching needs a feed-forward order: op {n!r} produces "
-                                f"{p!r} from {p_in!r}, which no earlier op produces")
-            wa, wb = augmented_weight(ops_a[n]), augmented_weight(ops_b[n]).to(ops_a[n].weight.device)
-            if p_in is not None:  # B's input side in A's order: columns by channel, each k x k taps, bias last
-                taps = ops_a[n].weight[0].numel() // ops_a[n].weight.shape[1]
-                wb = torch.cat([wb[:, patch_index(perms[p_in].to(wb.device), taps)], wb[:, -1:]], 1)
-            # ||w_A,i - w_B,j||_M^2 = const_i + const_j - 2 w_A,i M w_B,j: the assignment maximises the cross term
-            cost = cost + wa @ moments[n].to(wa.device) @ wb.T
-        perms[p] = solve_assignment(cost)
-        total += float(cost[torch.arange(len(perms[p])), perms[p].to(cost.device)].sum())
-        solved.add(p)
-    return MatchResult({p: v.cpu() for p, v in perms.items()}, [total], 1, goal="max")
+    # ||w_A,i - w_B,j||_M^2 = const_i + const_j - 2 w_A,i M w_B,j: the assignment maximises the cross term
+    perms, steps = solve_layerwise(model_a, model_b, spec, "covariance weight matching",
+                                   lambda n, wa, wb: wa @ moments[n].to(wa.device) @ wb.T)
+    total = sum(float(cost[torch.arange(len(perm)), perm.to(cost.device)].sum()) for cost, perm, _ in steps)
+    return MatchResult(perms, [total], 1, goal="max")
 
 
 @register("swm", label="covariance-weighted weight matching", goal="max", needs=("batches",),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..neurons import augmented_weight, linear_ops
-from ..permutation import PermutationSpec, SpecError, check_same_architecture, identity_perms
-from . import MatchResult, patch_index, register, solve_assignment
+from ..permutation import PermutationSpec
+from . import MatchResult, register
+from .layerwise import solve_layerwise
 
 
 @torch.no_grad()
@@ -31,30 +31,11 @@ def incoming_weight_matching(model_a, model_b, spec: PermutationSpec) -> MatchRe
     two clouds given the layers below. A permutation that several ops produce (a residual stream) sums
     their costs; a spec where an op's input permutation is not yet known when its output's is solved (no
     feed-forward order, e.g. ResNet's streams) is refused."""
-    check_same_architecture(model_a.state_dict(), model_b.state_dict())
-    ops_a, ops_b = linear_ops(model_a), linear_ops(model_b)
-    perms = identity_perms(spec.sizes(model_a.state_dict()))
-    axes = {n: spec.axes.get(f"{n}.weight", (None, None))[:2] for n in ops_a}
-    solved, total = set(), 0.0
-    for p in dict.fromkeys(out for out, _ in axes.values() if out is not None):
-        pairs = []
-        for n in (n for n, (out, _) in axes.items() if out == p):
-            p_in = axes[n][1]
-            if p_in is not None and p_in not in solved:
-                raise SpecError(f"incoming weight matching needs a feed-forward order: op {n!r} produces "
-                                f"{p!r} from {p_in!r}, which no earlier op produces")
-            wa, wb = augmented_weight(ops_a[n]), augmented_weight(ops_b[n]).to(ops_a[n].weight.device)
-            if p_in is not None:  # B's input side in A's order: columns by channel, each k x k taps, bias last
-                taps = ops_a[n].weight[0].numel() // ops_a[n].weight.shape[1]
-                wb = torch.cat([wb[:, patch_index(perms[p_in].to(wb.device), taps)], wb[:, -1:]], 1)
-            pairs.append((wa, wb))
-        # ||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i . b_j: over permutations only the cross term varies,
-        # so the assignment maximises it (exact float64 products, as Sigma-WM's)
-        perms[p] = solve_assignment(sum(wa @ wb.T for wa, wb in pairs))
-        idx = perms[p].to(pairs[0][0].device)
-        total += sum(float(((wa - wb[idx]) ** 2).sum()) for wa, wb in pairs)
-        solved.add(p)
-    return MatchResult({p: v.cpu() for p, v in perms.items()}, [total], 1, goal="min")
+    # ||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i . b_j: over permutations only the cross term varies,
+    # so the assignment maximises it (exact float64 products, as Sigma-WM's)
+    perms, steps = solve_layerwise(model_a, model_b, spec, "incoming weight matching", lambda n, wa, wb: wa @ wb.T)
+    total = sum(float(((wa - wb[perm.to(wb.device)]) ** 2).sum()) for _, perm, rows in steps for _, wa, wb in rows)
+    return MatchResult(perms, [total], 1, goal="min")
 
 
 @register("iwm", label="incoming-weight matching", goal="min",
