@@ -181,8 +181,8 @@ def interpolation_curve(model_a, model_b, splits: dict[str, data.Dataset], *, al
 
 def barriers(curve: pd.DataFrame) -> pd.DataFrame:
     """barrier = max_alpha [M(theta_alpha) - (alpha M(theta_A) + (1 - alpha) M(theta_B))] for loss and error,
-    per split (and per any other grouping column present: setting, pair, correction)."""
-    keys = [c for c in ("setting", "pair", "correction", "split") if c in curve.columns]
+    per split (and per any other grouping column present: setting, replicate, pair, correction)."""
+    keys = [c for c in ("setting", "replicate", "pair", "correction", "split") if c in curve.columns]
     rows = []
     for group, g in curve.groupby(keys, sort=False):
         g = g.sort_values("alpha")

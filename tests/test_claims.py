@@ -364,3 +364,31 @@ def test_chapter5_tables_beside_its_checks():
     cost = pd.DataFrame({"method": ["wm", "swm", "am"], "dist_plain": [1.0, 2.0, 3.0], "dist_sigma": [4.0, 5.0, 6.0]})
     best = width.best_cost(cost)
     assert list(zip(best.norm, best.cost)) == [("plain", 1.0), ("sigma", 5.0)]
+
+
+# ------------------------------------------------------------------------------------------ replicates
+def test_claims_are_decided_on_the_replicate_mean_with_each_replicate_listed():
+    def table(barriers):
+        return pd.DataFrame([{"setting": "cifar10-vgg16", "replicate": r, "pair": p, "split": "test", "error_barrier": b}
+                             for r, (spawn, naive) in enumerate(barriers) for p, b in (("spawn", spawn), ("naive", naive))])
+    # one replicate above the tolerance (0.03), the mean below: the claim passes on the mean
+    rows = claims.chapter1(table([(0.01, 0.5), (0.04, 0.5)]), "cpu")
+    row = next(r for r in rows if r["claim"] == "lmc.barrier")
+    assert row["passed"] and row["value"] == pytest.approx(0.025) and row["replicates"] == "0.01 / 0.04"
+    # the mean above the tolerance fails, whatever one replicate says
+    row = next(r for r in claims.chapter1(table([(0.01, 0.5), (0.07, 0.5)]), "cpu") if r["claim"] == "lmc.barrier")
+    assert not row["passed"] and row["value"] == pytest.approx(0.04)
+    # one replicate: the plain claim, no replicate listing
+    row = next(r for r in claims.chapter1(table([(0.01, 0.5)]), "cpu") if r["claim"] == "lmc.barrier")
+    assert row["passed"] and "replicates" not in row
+
+
+def test_replicate_mean_keeps_what_agrees_and_averages_the_rest():
+    frame = pd.DataFrame({"setting": ["s"] * 4, "replicate": [0, 0, 1, 1], "alpha": [0.0, 1.0, 0.0, 1.0],
+                          "loss": [1.0, 2.0, 3.0, 6.0]})
+    mean = claims.replicate_mean(frame)
+    assert list(mean.columns) == ["setting", "alpha", "loss"] and mean.loss.tolist() == [2.0, 4.0]
+    assert mean.alpha.tolist() == [0.0, 1.0]
+    assert claims.replicate_mean(frame, spread=True).loss.tolist() == pytest.approx([2 ** 0.5, 8 ** 0.5])
+    with pytest.raises(claims.ClaimError, match="different rows"):
+        claims.replicate_mean(frame.iloc[:3])

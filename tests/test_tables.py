@@ -103,3 +103,19 @@ def test_permutation_keys_name_the_data_they_learn_from(cache_dir):
     assert "statistics" not in wm  # weight matching sees no data
     other = pairs.SettingModels(replace(setting, statistics_samples=700), None, keys=models.keys)
     assert pairs.perms_config(other, "am") != am and pairs.perms_config(other, "wm") == wm
+
+
+def test_replicates_are_independent_and_replicate_0_is_the_single_run(cache_dir):
+    one = smoke_mlp(pairs=("spawn", "naive"))["mnist-mlp"]
+    two = replace(one, replicates=2)
+    assert profiles.setting_hash(replace(one, replicates=1)) == profiles.setting_hash(one)  # no field, no new hash
+    assert profiles.setting_hash(two) != profiles.setting_hash(one)
+    keys = [pairs.model_hashes(two.at_replicate(r)) for r in (0, 1)]
+    assert keys[0] == pairs.model_hashes(one) and not set(keys[0].values()) & set(keys[1].values())
+    single, both = tables.compute_table("lmc", one), tables.compute_table("lmc", two)
+    assert list(both.columns[:2]) == ["setting", "replicate"] and sorted(set(both.replicate)) == [0, 1]
+    assert both[both.replicate == 0].reset_index(drop=True).equals(single)
+    other = both[both.replicate == 1].reset_index(drop=True)
+    assert not other.loss.equals(single.loss)  # other seeds, other networks
+    with pytest.raises(ValueError, match="replicate 2 outside 0..1"):
+        two.at_replicate(2)

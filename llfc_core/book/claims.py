@@ -11,6 +11,7 @@ tested in both directions on synthetic frames (tests/test_claims.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,6 +116,56 @@ class ClaimError(ValueError):
     """Claim rows or deviations that do not fit together (unknown claim, unused explanation)."""
 
 
+# ------------------------------------------------------------------------------------- replicates
+def replicate_mean(frame: pd.DataFrame, spread: bool = False) -> pd.DataFrame:
+    """A table's rows averaged over its `replicate` column (rows of every replicate come in the same order:
+    the same code made them); columns that agree across replicates are kept as they are, numeric ones that
+    differ are averaged (`spread=True`: their standard deviation instead). A table without replicates is
+    returned without the column."""
+    if "replicate" not in frame.columns:
+        return frame
+    parts = [g.drop(columns="replicate").reset_index(drop=True) for _, g in frame.groupby("replicate", sort=True)]
+    if any(p.shape != parts[0].shape for p in parts):
+        raise ClaimError(f"replicates have different rows ({[p.shape for p in parts]}); cannot average them")
+    out = parts[0].copy()
+    for column in out.columns:
+        same = all(p[column].equals(parts[0][column]) for p in parts[1:])
+        numeric = pd.api.types.is_numeric_dtype(out[column]) and not pd.api.types.is_bool_dtype(out[column])
+        if numeric and (not same or spread):
+            values = np.stack([p[column].to_numpy(float) for p in parts])
+            out[column] = values.std(0, ddof=1) if spread and len(parts) > 1 else values.mean(0)
+        elif not same:
+            raise ClaimError(f"replicates disagree on the non-numeric column {column!r}")
+    return out
+
+
+def replicated(check):
+    """Decide a claim on the replicate mean of its tables and list every replicate's value beside it:
+    `check(*tables, ...)` runs on the means (its rows are the verdict) and on each replicate alone (their
+    values go into the row's `replicates` field and its detail). With one replicate it is `check` itself."""
+    @functools.wraps(check)
+    def decide(*args, **kwargs):
+        tables = [a for a in args if isinstance(a, pd.DataFrame) and "replicate" in a.columns]
+        reps = sorted(set().union(*(set(t.replicate) for t in tables))) if tables else []
+        rows = check(*(replicate_mean(a) if isinstance(a, pd.DataFrame) else a for a in args), **kwargs)
+        if len(reps) > 1:
+            values: dict[tuple, list] = {}
+            for r in reps:
+                only = (a[a.replicate == r] if isinstance(a, pd.DataFrame) and "replicate" in a.columns else a for a in args)
+                for row in check(*only, **kwargs):
+                    values.setdefault(_row_key(row), []).append(row["value"])
+            for row in rows:
+                each = " / ".join(f"{v:.4g}" for v in values.get(_row_key(row), []))
+                row["replicates"] = each
+                row["detail"] = f"{row['detail']}; per replicate: {each}"
+        return rows
+    return decide
+
+
+def _row_key(row: dict) -> tuple:
+    return row["claim"], row["setting"], row["pair"], row["split"]
+
+
 def _row(claim: str, setting: str, pair: str, value: float, tol: float, passed: bool, detail: str,
          split: str = "") -> dict:
     if claim not in CLAIMS:
@@ -149,6 +200,7 @@ def beside_naive(frame: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------- chapter 1
+@replicated
 def chapter1(barrier_table: pd.DataFrame, profile: str) -> list[dict]:
     """`barrier_table`: `interpolate.barriers(lmc)` (setting, pair, split, error_barrier, ...)."""
     rows, tol, margin = [], tolerance("barrier", profile), tolerance("naive_margin", profile)
@@ -165,6 +217,7 @@ def chapter1(barrier_table: pd.DataFrame, profile: str) -> list[dict]:
     return rows
 
 
+@replicated
 def ste_midpoint(lmc: pd.DataFrame, profile: str) -> list[dict]:
     """STE minimises the midpoint's training loss over permutations; WM ignores the data. Where both were
     run, STE's midpoint train loss must be at least `ste_gain` below WM's."""
@@ -195,6 +248,7 @@ def llfc_layers(llfc: pd.DataFrame, setting: str, pair: str, profile: str) -> pd
                                                         holds=("holds", "all"))
 
 
+@replicated
 def chapter2(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     """LLFC per layer, the naive contrast, the scale c, and Lemma 1 through its premise."""
     rows, llfc, lmc = [], checked(llfc), checked(lmc)
@@ -221,6 +275,7 @@ def chapter2(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     return rows
 
 
+@replicated
 def lemma1(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     """Lemma 1 through its premise, for every (setting, pair) of `llfc` (chapter 2's tables, checked under
     `PAPER_CORRECTION`). `lemma1.premise`: LLFC at the logits, their cos_dist (max over alpha) at most the LLFC
@@ -244,6 +299,7 @@ def lemma1(llfc: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- chapter 3
+@replicated
 def chapter3(conditions: pd.DataFrame, profile: str, alpha: float = 0.5) -> list[dict]:
     """Both conditions, median over layers at alpha, against the naive pair of the same setting."""
     rows, rel = [], tolerance("condition_vs_naive", profile)
@@ -305,6 +361,7 @@ def factor_decomposition(matching: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@replicated
 def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame, profile: str) -> list[dict]:
     """Matching and commutativity (the factors and their product), and stitching of LMC pairs."""
     rows, drop_tol, margin = [], tolerance("com_drop", profile), tolerance("stitch_margin", profile)
@@ -341,6 +398,7 @@ def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame,
 
 
 # --------------------------------------------------------------------------------------- chapter 6
+@replicated
 def cm_claims(lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list[dict]:
     """`lmc` / `conditions`: chapters 1 and 3's tables with the CM pair's rows added."""
     from ..interpolate import barriers
@@ -367,6 +425,7 @@ def cm_claims(lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list
     return rows
 
 
+@replicated
 def averaging_claims(averaging: pd.DataFrame, profile: str) -> list[dict]:
     """`averaging`: `probes.feature_averaging` rows per (setting, pair). For an LMC pair, the error of
     feature averaging at each layer (and of the ensemble) differs from theta_alpha's by at most the gap
@@ -422,6 +481,7 @@ def first_llfc_epochs(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
     return first.rename(f"first spawn epoch with cos_dist <= {tolerance('llfc_level', profile)}").to_frame()
 
 
+@replicated
 def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
     """The first spawn epoch with a test error barrier within the tolerance must be the first at which
     LLFC (the level, at alpha = 0.5) holds in the layer share. (None of the epochs counts as one more

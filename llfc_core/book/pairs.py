@@ -9,7 +9,7 @@ import torch
 from .. import cache, data
 from ..matching import AlignmentData, align
 from ..permutation import apply_permutation
-from .profiles import SEEDS, Setting
+from .profiles import SEEDS, Setting, seeds
 from ..runtime import default_device
 from ..train import dataset_on, get_or_train, model_identity
 
@@ -33,7 +33,7 @@ class SettingModels:
 
 def model_plan(setting: Setting) -> dict[str, tuple]:
     """name -> (init seed, data seed, spawn point or None) of the models a setting needs."""
-    s = SEEDS
+    s = seeds(setting.replicate)
     spawn = {"spawn_epoch": setting.spawn_epoch, "parent_data_seed": s["parent_data"]}
     plan = {"a": (s["init_a"], s["data_a"], spawn)}
     if "spawn" in setting.pairs:
@@ -166,8 +166,10 @@ def provenance(setting: Setting) -> dict:
     """What the manifest records about a computed setting (the form `results.load_or_compute` takes)."""
     from .profiles import setting_hash
 
+    keys = {f"{name}/r{r}" if r else name: key for r in range(setting.replicates)
+            for name, key in model_hashes(setting.at_replicate(r)).items()}
     return {"setting": {"hash": setting_hash(setting), "recipe": setting.recipe.name, "model": setting.recipe.model,
-                        "model_keys": model_hashes(setting), "pairs": list(setting.pairs),
+                        "model_keys": keys, "pairs": list(setting.pairs),
                         "corrections": list(setting.corrections), "notes": setting.notes},
             "data": {setting.recipe.dataset: dataset_on(setting.recipe.dataset, "test", "cpu").source},
-            "seeds": SEEDS}
+            "seeds": SEEDS, "replicates": {"count": setting.replicates, "seeds": "replicate r: every seed + 1000 r"}}

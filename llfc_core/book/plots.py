@@ -26,7 +26,7 @@ def interpolation_curves(lmc: pd.DataFrame, metric: str = "error", style: str = 
     hues = order(lmc.pair)
     g = sns.relplot(data=lmc, x="alpha", y=metric, hue="pair", hue_order=hues, palette=PALETTE, style=style,
                     col="setting", col_wrap=min(3, lmc.setting.nunique()), kind="line", marker="o", markersize=4,
-                    height=3.2, aspect=1.2, facet_kws={"sharey": False})
+                    height=3.2, aspect=1.2, facet_kws={"sharey": False}, errorbar="sd")  # replicates: mean ± sd
     g.set_titles("{col_name}")
     g.set_xlabels("α  (α = 1 is model A)")
     return g

@@ -29,6 +29,14 @@ from ..train import model_identity
 PAIR_KINDS = ("spawn",) + ALIGNMENTS
 PAIRS = ("spawn", "naive", "wm", "am", "ste")  # the MLP settings' pairs, as in the paper
 SEEDS = {"init_a": 0, "parent_data": 0, "data_a": 1, "data_spawn": 2, "init_b": 1, "data_b": 3}
+# Replicate r is the same experiment from other seeds: every seed above plus REPLICATE_STRIDE * r, so its A,
+# spawn parent and B are independent of every other replicate's (replicate 0 uses `SEEDS` as they are).
+REPLICATE_STRIDE = 1000
+
+
+def seeds(replicate: int = 0) -> dict:
+    """The seed table of one replicate of a setting."""
+    return {k: v + REPLICATE_STRIDE * replicate for k, v in SEEDS.items()}
 
 
 @dataclass(frozen=True)
@@ -50,18 +58,28 @@ class Setting:
     # clearly below WM's (0.0271 / 0.0269 / 0.0242 vs 0.0272); Git Re-Basin's src/mnist_mlp_ste2.py runs 250.
     ste_epochs: int = 40
     ste_subset: int | None = None       # train samples STE learns on (None: all, as Git Re-Basin)
+    replicates: int = 1                 # independent replicates (`seeds`): every table has a `replicate` column
+    replicate: int = 0                  # the replicate this object describes (set per replicate by `at_replicate`)
     notes: str = ""
 
     def __post_init__(self):
         unknown = set(self.pairs) - set(PAIR_KINDS)
         if unknown:
             raise ValueError(f"setting {self.name!r}: unknown pairs {sorted(unknown)}; choose from {PAIR_KINDS}")
+        if not 0 <= self.replicate < self.replicates:
+            raise ValueError(f"setting {self.name!r}: replicate {self.replicate} outside 0..{self.replicates - 1}")
+
+    def at_replicate(self, replicate: int) -> "Setting":
+        return replace(self, replicate=replicate)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["recipe"] = self.recipe.to_dict()
         if "ste" not in self.pairs:  # fields no result of this setting depends on stay out of its hash
             del d["ste_epochs"], d["ste_subset"]
+        del d["replicate"]  # a setting's results hold all its replicates
+        if self.replicates == 1:  # the hash of a single-replicate setting is what it was before replicates
+            del d["replicates"]
         return d
 
 

@@ -21,10 +21,10 @@ import torch
 from ..runtime import default_device, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
-    "lmc": ["setting", "pair", "correction", "split", "alpha", "loss", "error"],
-    "llfc": ["setting", "pair", "correction", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
-    "conditions": ["setting", "pair", "layer", "depth", "alpha", "dist_sigma", "dist_com", "dist_w", "dist_h"],
-    "matching": ["setting", "method", "layer", "depth", "dist_w", "dist_h", "dist_com"],
+    "lmc": ["setting", "replicate", "pair", "correction", "split", "alpha", "loss", "error"],
+    "llfc": ["setting", "replicate", "pair", "correction", "layer", "depth", "alpha", "cos_dist", "cos_dist_baseline", "scale_c"],
+    "conditions": ["setting", "replicate", "pair", "layer", "depth", "alpha", "dist_sigma", "dist_com", "dist_w", "dist_h"],
+    "matching": ["setting", "replicate", "method", "layer", "depth", "dist_w", "dist_h", "dist_com"],
 }
 
 

@@ -28,7 +28,7 @@ from ..probes import feature_averaging, principal_angles, stitching_errors, weig
 from ..taps import find_taps
 from .pairs import SettingModels, alignment_data, build_pairs, calibration, eval_splits, pair_perms, train_models
 from ..permutation import apply_permutation, identity_perms, random_perms
-from .profiles import SEEDS, Setting, setting_hash
+from .profiles import Setting, seeds, setting_hash
 from ..train import get_or_train
 from ..runtime import default_device
 from .width import TABLE_KINDS as WIDTH_KINDS, CELL_VERSION, Sweep, sweep_frames
@@ -270,8 +270,9 @@ def spawn_epochs(setting: Setting) -> tuple:
 
 def spawn_models(setting: Setting, epoch: int, device) -> tuple:
     """The two children branched at `epoch` (A's and the spawn partner's data seeds), and their keys."""
-    kids = [get_or_train(setting.recipe, SEEDS["init_a"], SEEDS[seed], device=device, spawn_epoch=epoch,
-                         parent_data_seed=SEEDS["parent_data"]) for seed in ("data_a", "data_spawn")]
+    s = seeds(setting.replicate)
+    kids = [get_or_train(setting.recipe, s["init_a"], s[seed], device=device, spawn_epoch=epoch,
+                         parent_data_seed=s["parent_data"]) for seed in ("data_a", "data_spawn")]
     return tuple(m for m, _ in kids), [meta["key"] for _, meta in kids]
 
 
@@ -311,11 +312,25 @@ class Producer:
     covers: Callable | None = None
 
     def __call__(self, setting, device=None, **options) -> dict[str, pd.DataFrame]:
+        """The tables of every replicate of a setting, with a `replicate` column after `setting` (a sweep's
+        cells are its replicates already)."""
         token = _VERSION.set(self.version)
         try:
-            return self.fn(setting, device, **options)
+            if isinstance(setting, Sweep):
+                return self.fn(setting, device, **options)
+            out: dict[str, list] = {}
+            for r in range(setting.replicates):
+                for name, frame in self.fn(setting.at_replicate(r), device, **options).items():
+                    out.setdefault(name, []).append(_with_replicate(frame, r))
+            return {name: pd.concat(frames, ignore_index=True) for name, frames in out.items()}
         finally:
             _VERSION.reset(token)
+
+
+def _with_replicate(frame: pd.DataFrame, replicate: int) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.insert(int("setting" in frame.columns), "replicate", replicate)
+    return frame
 
 
 def _spawn_study(setting: Setting) -> dict:
