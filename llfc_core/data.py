@@ -241,8 +241,19 @@ def _load_from(name: str, split: str, location: Path):
 # ------------------------------------------------------------------------------ batches on the device
 def normalise(images: torch.Tensor, name: str) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 standardised per channel, on the images' device."""
-    mean, std = (torch.tensor(s, device=images.device).view(1, -1, 1, 1) for s in STATS[name])
+    mean, std = _stats_on(name, images.device)
     return (images.float() - mean) / std
+
+
+_STATS_ON: dict = {}
+
+
+def _stats_on(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation constants of a data set on a device, copied there once (not once per batch)."""
+    key = (name, str(device))
+    if key not in _STATS_ON:
+        _STATS_ON[key] = tuple(torch.tensor(s, device=device).view(1, -1, 1, 1) for s in STATS[name])
+    return _STATS_ON[key]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -268,11 +279,14 @@ def batches(ds: Dataset, batch_size: int, *, shuffle: bool = False, augment: boo
     device = torch.device(device) if device is not None else ds.images.device
     images, labels = ds.images.to(device), ds.labels.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    order = torch.randperm(len(labels), generator=gen).to(device) if shuffle else None
+    order = torch.randperm(len(labels), generator=gen).to(device) if shuffle else None  # one copy per epoch
+    # Augmentation draws on the data's device, so a GPU step copies nothing from the host; on the CPU it is
+    # the same generator as the order's (the CPU stream is what it always was).
+    aug = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     stop = len(labels) - (len(labels) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
         x = normalise(images[idx], ds.name)
         if augment:
-            x = random_crop_flip(x, gen)
+            x = random_crop_flip(x, aug)
         yield x, labels[idx]

@@ -21,6 +21,7 @@ from torch import nn
 from . import data
 from .permutation import check_same_architecture
 from .train import evaluate
+from .runtime import exact_matmul
 
 CORRECTIONS = ("none", "bn_reset", "repair")
 
@@ -51,6 +52,7 @@ def calibration_batches(ds: data.Dataset, device, batch_size: int = 500):
     return list(data.batches(ds, batch_size, device=device))
 
 
+@exact_matmul()
 @torch.no_grad()
 def reset_bn(model: nn.Module, batches) -> nn.Module:
     """Recompute every BatchNorm's running mean/var as the plain average over `batches` (in place)."""
@@ -166,6 +168,7 @@ def alpha_grid(alphas=21) -> np.ndarray:
     return grid
 
 
+@exact_matmul()
 def interpolation_curve(model_a, model_b, splits: dict[str, data.Dataset], *, alphas=21, correction: str = "none",
                         calibration: list | None = None, batch_size: int = 1000) -> pd.DataFrame:
     """Loss and error of theta_alpha on each split; a tidy frame (alpha, split, loss, error, correction).

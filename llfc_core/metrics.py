@@ -33,6 +33,7 @@ from torch import nn
 from .interpolate import corrected_interpolation
 from .permutation import check_same_architecture
 from .taps import LOGITS, Recorder, apply_linear, check_same_taps, find_taps
+from .runtime import exact_matmul
 
 # Log-spaced bins for per-sample 1 - cos in [1e-10, 2] (below goes to a bin starting at 0): neighbouring
 # edges differ by 5 %, and a quantile is reported as its bin's geometric centre (within 2.5 %).
@@ -65,12 +66,14 @@ class PairAccumulator:
         cos_dist = (1 - cos).clamp(0, 2)
         batch = torch.stack([xx.sum(), yy.sum(), xy.sum(), dd.sum(), cos_dist.sum(), (cos_dist * cos_dist).sum(),
                              torch.where(zero, torch.zeros_like(dd), dd / denom.clamp_min(1e-300)).sum(),
-                             torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                             xx.new_full((), float(len(x))),  # made on the device: no host copy
                              (zero & ~both_zero).sum().double()])
         if self.edges is None or self.edges.device != x.device:
             self.edges = _HIST_EDGES.to(x.device)
         idx = (torch.bucketize(cos_dist, self.edges, right=True) - 1).clamp(0, len(self.edges) - 1)
-        counts = torch.bincount(idx, minlength=len(self.edges)).double()
+        # scatter_add, not bincount: on a GPU bincount reads the largest index back to the host on every call
+        counts = torch.zeros(len(self.edges), dtype=torch.float64, device=x.device).scatter_add_(
+            0, idx, torch.ones_like(cos_dist))
         self.sums = batch if self.sums is None else self.sums + batch
         self.hist = counts if self.hist is None else self.hist + counts
 
@@ -159,6 +162,7 @@ class _LayerSums:
         return pd.DataFrame(rows)
 
 
+@exact_matmul()
 @torch.no_grad()
 def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.25, 0.5, 0.75),
                   correction: str = "none", calibration: list | None = None,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .runtime import exact_matmul
+
 
 class SpecError(ValueError):
     """A spec does not fit the model or the permutation given; the message names the parameter."""
@@ -150,6 +152,7 @@ def check_same_architecture(state_a: dict, state_b: dict) -> None:
             raise SpecError(f"parameter {k!r} has shape {tuple(state_a[k].shape)} in A but {tuple(state_b[k].shape)} in B")
 
 
+@exact_matmul()
 def check_invariance(model: nn.Module, spec: PermutationSpec, example: torch.Tensor, seed: int = 0,
                      atol: float = 1e-5, rtol: float = 1e-6) -> float:
     """Apply a random permutation through `spec`; raise SpecError unless the outputs agree.

@@ -11,6 +11,7 @@ overrides it. Master weights, optimizer state and evaluation stay fp32 in every 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -118,3 +119,19 @@ def progress(**kwargs):
         warnings.simplefilter("ignore")  # tqdm.auto warns when ipywidgets is missing, then falls back to text
         from tqdm.auto import tqdm
     return tqdm(mininterval=1.0, **kwargs)
+
+
+class exact_matmul(contextlib.ContextDecorator):
+    """Full fp32 matrix products and convolutions on CUDA inside (TF32 off), restored afterwards: evaluation,
+    metrics, BN reset and the invariance check compare numbers that TF32's 10-bit mantissa would blur
+    (A100/H100 enable it for cuDNN by default). Training may use TF32. No effect on a CPU."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        return False

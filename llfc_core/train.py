@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import cache, data
 from .models import build_model
 from .recipes import Recipe
-from .runtime import PRECISIONS, default_device, progress, training_precision
+from .runtime import PRECISIONS, default_device, exact_matmul, progress, training_precision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,6 +136,7 @@ def _seed_global_rng(seed: int, device: torch.device) -> None:
             torch.cuda.manual_seed(seed)
 
 
+@exact_matmul()
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: data.Dataset, batch_size: int = 1000) -> dict[str, float]:
     """Mean cross-entropy and error (fraction misclassified) over a whole split."""
