@@ -58,10 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation, has_batchnorm
-from .taps import find_taps, probe_forward
+from .taps import LINEAR_OPS, find_taps, probe_forward
 from .permutation import check_same_architecture
 
-LINEAR_OPS = (nn.Linear, nn.Conv2d)
 BATCHNORMS = nn.modules.batchnorm._BatchNorm
 # Per-sample normalisations: no linear fit reaches their output, and no setting makes them the identity.
 SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)

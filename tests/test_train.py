@@ -256,6 +256,7 @@ def test_spawn_epoch_out_of_range():
         get_or_train(TINY, 0, 0, spawn_epoch=4, device="cpu")
 
 
+@pytest.mark.slow  # a full cpu-recipe training: about 35 s on one thread
 def test_cpu_recipe_reaches_97_percent_on_mnist(cache_dir):
     """Accuracy only: the <= 2 min goal is measured by benchmarks/train_throughput.py, not in a timed test."""
     start = time.time()
