@@ -129,12 +129,14 @@ from .weight import float_entries, identity_alignment, weight_matching, weight_m
 from .covariance import covariance_weight_matching  # noqa: E402
 from .activation import activation_matching  # noqa: E402
 from .ste import ste_matching  # noqa: E402
-from .commutativity import commutativity_matching, commutativity_moments, commutativity_objective  # noqa: E402
+from .commutativity import (commutativity_matching, commutativity_moments, commutativity_objective,  # noqa: E402
+                            commutativity_objectives, commutativity_search)
 from .incoming import incoming_weight_matching  # noqa: E402
 
 ALIGNMENTS: tuple[str, ...] = tuple(METHODS)  # ('naive', 'wm', 'swm', 'am', 'ste', 'cm', 'iwm')
 
 __all__ = ["ALIGNMENTS", "AlignmentData", "GOALS", "METHODS", "MatchResult", "Method", "activation_matching", "align",
-           "commutativity_matching", "commutativity_moments", "commutativity_objective", "covariance_weight_matching",
+           "commutativity_matching", "commutativity_moments", "commutativity_objective", "commutativity_objectives",
+           "commutativity_search", "covariance_weight_matching",
            "float_entries", "identity_alignment", "patch_index", "register", "solve_assignment", "ste_matching",
            "weight_matching", "weight_matching_objective"]
