@@ -1,5 +1,7 @@
 """Every claim of `llfc_core.book.claims` on small synthetic frames, in both directions: a frame where it must
 pass and one where it must fail. A claim that cannot fail checks nothing."""
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -214,22 +216,51 @@ def test_ste_must_beat_wm_at_the_midpoint():
 
 
 # ------------------------------------------------------------------------------------------ chapter 6
-def cm_frames(cm_barrier=0.01, cm_com=0.1, wm_com=0.2):
-    lmc = pd.DataFrame([{"setting": "mnist-mlp", "pair": pair, "correction": "none", "split": split, "alpha": a,
+def cm_frames(cm_objective=0.9, cm_barrier=0.01, naive_barrier=0.3, setting="mnist-mlp", correction="none"):
+    """The `cm` table (AM's objective 1.0 is the better start) and chapter 1 / 3 frames with a CM pair."""
+    cm = pd.DataFrame([{"setting": setting, "method": m, "objective": v}
+                       for m, v in (("identity", 8.0), ("wm", 1.2), ("am", 1.0), ("cm", cm_objective))])
+    lmc = pd.DataFrame([{"setting": setting, "pair": pair, "correction": correction, "split": split, "alpha": a,
                          "loss": 0.0, "error": (barrier if a == 0.5 else 0.0)}
-                        for pair, barrier in (("wm", 0.005), ("am", 0.02), ("cm", cm_barrier))
+                        for pair, barrier in (("wm", 0.005), ("am", 0.02), ("cm", cm_barrier), ("naive", naive_barrier))
                         for split in ("train", "test") for a in (0.0, 0.5, 1.0)])
-    cond = pd.DataFrame([{"setting": "mnist-mlp", "pair": pair, "alpha": 0.5, "kind": "linear", "layer": f"fc{i}",
+    cond = pd.DataFrame([{"setting": setting, "pair": pair, "alpha": 0.5, "kind": "linear", "layer": f"fc{i}",
                           "dist_h": 1.0, "dist_com": com}
-                         for pair, com in (("wm", wm_com), ("am", 0.3), ("cm", cm_com)) for i in range(3)])
-    return lmc, cond
+                         for pair, com in (("wm", 0.2), ("am", 0.3), ("cm", 0.1)) for i in range(3)])
+    return cm, lmc, cond
 
 
-def test_cm_claims_pass_and_fail():
-    rows = claims.cm_claims(*cm_frames(), "cpu")
-    assert verdict(rows, "cm.com_lower") and verdict(rows, "cm.lmc", split="test")
-    assert not verdict(claims.cm_claims(*cm_frames(cm_com=0.25), "cpu"), "cm.com_lower")
+def test_cm_must_lower_the_objective_clearly_below_its_start():
+    rows = claims.cm_claims(*cm_frames(), "cpu")   # 10 % below AM's objective
+    assert verdict(rows, "cm.com_lower") and verdict(rows, "cm.lmc", split="test") and verdict(rows, "cm.lmc", split="train")
+    assert not verdict(claims.cm_claims(*cm_frames(cm_objective=1.0), "cpu"), "cm.com_lower")    # stopped at its start
+    assert not verdict(claims.cm_claims(*cm_frames(cm_objective=0.97), "cpu"), "cm.com_lower")   # below, not by 5 %
     assert not verdict(claims.cm_claims(*cm_frames(cm_barrier=0.03), "cpu"), "cm.lmc", split="train")
+
+
+def test_cm_lmc_says_nothing_where_the_reference_is_no_better_than_naive():
+    # CM within the margin of WM (0.5 %), but WM no better than the naive pair: the comparison is empty, it fails
+    rows = claims.cm_claims(*cm_frames(naive_barrier=0.02), "cpu")
+    assert not verdict(rows, "cm.lmc", split="test")
+    assert "says nothing" in next(r for r in rows if r["claim"] == "cm.lmc")["detail"]
+
+
+def test_cm_lmc_is_checked_with_batchnorm_statistics_reset_where_a_setting_has_them():
+    def both(none, reset):
+        cm, lmc_none, cond = cm_frames(setting="cifar10-resnet20", **none)
+        _, lmc_reset, _ = cm_frames(setting="cifar10-resnet20", correction="bn_reset", **reset)
+        return cm, pd.concat([lmc_none, lmc_reset], ignore_index=True), cond
+    # 'none': every pair at the naive barrier (vacuous); bn_reset: CM close to WM, both far below naive
+    rows = claims.cm_claims(*both(dict(cm_barrier=0.48, naive_barrier=0.49), dict(cm_barrier=0.01)), "cpu")
+    assert verdict(rows, "cm.lmc", split="test") and "(bn_reset)" in next(r for r in rows if r["claim"] == "cm.lmc")["detail"]
+    assert len([r for r in rows if r["claim"] == "cm.lmc"]) == 2   # one convention per setting and split
+    # bn_reset decides: CM far above WM there fails, whatever 'none' says
+    rows = claims.cm_claims(*both(dict(cm_barrier=0.01), dict(cm_barrier=0.2)), "cpu")
+    assert not verdict(rows, "cm.lmc", split="test")
+    # a setting with only 'none' (the MLPs) is checked under it
+    _, lmc, _ = both(dict(cm_barrier=0.01), dict(cm_barrier=0.2))
+    assert set(claims.cm_convention(lmc).correction) == {"bn_reset"}
+    assert set(claims.cm_convention(cm_frames()[1]).correction) == {"none"}
 
 
 def averaging_frame(lmc_change=0.0, naive_ensemble=0.3):
@@ -245,24 +276,30 @@ def averaging_frame(lmc_change=0.0, naive_ensemble=0.3):
 
 def test_averaging_claims_pass_and_fail():
     rows = claims.averaging_claims(averaging_frame(), "cpu")
-    assert verdict(rows, "average.interchangeable", pair="wm") and verdict(rows, "average.naive_parts")
+    assert verdict(rows, "average.interchangeable", pair="wm")
+    assert [r["pair"] for r in rows] == ["wm"]   # the naive pair is a control, not a claim
     assert not verdict(claims.averaging_claims(averaging_frame(lmc_change=0.05), "cpu"), "average.interchangeable")
-    assert not verdict(claims.averaging_claims(averaging_frame(naive_ensemble=0.01), "cpu"), "average.naive_parts")
 
 
-def spawn_frames(llfc_from=1, lmc_from=1):
+def spawn_frames(llfc_from=1, lmc_from=1, epochs=(0, 1, 2)):
+    """A spawn study whose children are not LMC (test error barrier 0.2) before `lmc_from`, LMC (0) from it."""
     curve = pd.DataFrame([{"setting": "mnist-mlp", "pair": "spawn", "correction": "none", "split": "test",
                            "spawn_epoch": k, "alpha": a, "loss": 0.0, "error": (0.2 if k < lmc_from else 0.0) if a == 0.5 else 0.0}
-                          for k in (0, 1, 2) for a in (0.0, 0.5, 1.0)])
+                          for k in epochs for a in (0.0, 0.5, 1.0)])
     layers = pd.DataFrame([{"setting": "mnist-mlp", "spawn_epoch": k, "layer": l, "cos_dist": 0.3 if k < llfc_from else 0.01}
-                           for k in (0, 1, 2) for l in LAYERS])
+                           for k in epochs for l in LAYERS])
     return curve, layers
 
 
-def test_spawn_claim_passes_when_llfc_and_lmc_arrive_together_and_fails_otherwise():
-    assert verdict(claims.spawn_claims(*spawn_frames(), "cpu"), "spawn.together")
-    assert not verdict(claims.spawn_claims(*spawn_frames(llfc_from=2), "cpu"), "spawn.together")
-    assert not verdict(claims.spawn_claims(*spawn_frames(lmc_from=3), "cpu"), "spawn.together")
+def test_spawn_onset_needs_an_unstable_spawn_point_before_a_stable_one():
+    rows = claims.spawn_claims(*spawn_frames(lmc_from=1), "cpu")
+    assert verdict(rows, "spawn.onset") and rows[0]["value"] == pytest.approx(0.2) and "onset 1" in rows[0]["detail"]
+    assert verdict(claims.spawn_claims(*spawn_frames(lmc_from=2), "cpu"), "spawn.onset")
+    # connected from the first spawn point (the cpu MNIST MLP): no onset to find
+    rows = claims.spawn_claims(*spawn_frames(lmc_from=0, llfc_from=0), "cpu")
+    assert not verdict(rows, "spawn.onset") and "onset none" in rows[0]["detail"]
+    # never connected: no onset either
+    assert not verdict(claims.spawn_claims(*spawn_frames(lmc_from=3), "cpu"), "spawn.onset")
 
 
 # ------------------------------------------------------- what the chapters show beside their checks
@@ -331,8 +368,9 @@ def test_first_llfc_epochs_and_an_empty_spawn_study():
     assert claims.spawn_barriers(pd.DataFrame()).empty and claims.spawn_claims(pd.DataFrame(), pd.DataFrame(), "cpu") == []
 
 
-def _sweep_tables(slope=-0.5, llfc_slope=-0.3):
-    """A width sweep 'w' (barrier = width^slope, worst cos_dist = width^llfc_slope) and a one-width sweep 'lr'."""
+def _sweep_tables(slope=-0.5, llfc_slope=-0.3, baseline_slope=0.0):
+    """A width sweep 'w' (barrier = width^slope, worst cos_dist = width^llfc_slope, baseline = width^baseline_slope)
+    and a one-width sweep 'lr'."""
     lmc, layers = [], []
     for setting, widths in (("w", (16, 64, 256)), ("lr", (512,))):
         for width_ in widths:
@@ -340,8 +378,9 @@ def _sweep_tables(slope=-0.5, llfc_slope=-0.3):
                 cell = {"setting": setting, "hidden_layers": 1, "width": width_, "lr": 0.1, "replicate": 0, "method": method}
                 lmc.append({**cell, "split": "test", "loss_barrier": width_ ** slope, "error_barrier": 0.1,
                             "error_ends": 0.25})
-                layers += [{**cell, "layer": "relu1", "cos_dist": width_ ** llfc_slope},
-                           {**cell, "layer": "logits", "cos_dist": width_ ** llfc_slope / 2}]
+                base = width_ ** baseline_slope
+                layers += [{**cell, "layer": "relu1", "cos_dist": width_ ** llfc_slope, "cos_dist_baseline": base},
+                           {**cell, "layer": "logits", "cos_dist": width_ ** llfc_slope / 2, "cos_dist_baseline": base}]
     return pd.DataFrame(lmc), pd.DataFrame(layers)
 
 
@@ -358,12 +397,120 @@ def test_chapter5_tables_beside_its_checks():
     assert said[0].startswith("w, plain norm") and "fc1 +0.100 vs -0.0100 (d = 100.0, rises)" in said[0]
     assert "fc1 -0.300 vs -0.2500 (d = 4.0, falls, at least at the rate)" in said[1]
     assert width.endpoint_accuracy(wide).loc[16, "w"] == pytest.approx(0.75)
+    lmc, layers = _sweep_tables(baseline_slope=-0.5)   # the endpoints converge faster than cos_dist falls
     slopes = width.llfc_slopes(layers, lmc).loc[("w", "am")]
     assert slopes["slope of the worst layer's cos_dist"] == pytest.approx(-0.3)
+    assert slopes["slope of the worst layer's cos_dist / baseline"] == pytest.approx(0.2)
     assert slopes["slope of the loss barrier"] == pytest.approx(-0.5)
     cost = pd.DataFrame({"method": ["wm", "swm", "am"], "dist_plain": [1.0, 2.0, 3.0], "dist_sigma": [4.0, 5.0, 6.0]})
     best = width.best_cost(cost)
     assert list(zip(best.norm, best.cost)) == [("plain", 1.0), ("sigma", 5.0)]
+
+
+def llfc_sweep(ratio_slope=-0.3, baseline_slope=0.0, naive_ratio=None, widths=(16, 64, 256, 1024)):
+    """A width sweep with two replicates per width: per matched method the test error barrier 0.2 * (width/16)^-0.5 and
+    the worst layer's cos_dist / baseline (width/16)^ratio_slope / 10 (relu1 half of it; replicate 1 twice replicate 0's
+    noise-free value, so the mean is 1.5x), with the baseline width^baseline_slope; the naive pair's barrier 0.5, its
+    ratio `naive_ratio` (default: the matched pairs')."""
+    lmc, layers = [], []
+    for w in widths:
+        for replicate in (0, 1):
+            for method in ("naive", "wm", "swm", "am"):
+                cell = {"setting": "w", "hidden_layers": 1, "width": w, "lr": 0.1, "replicate": replicate, "method": method}
+                barrier = 0.5 if method == "naive" else 0.2 * (w / 16) ** -0.5
+                ratio = (w / 16) ** ratio_slope / 10 * (1 + replicate)
+                if method == "naive" and naive_ratio is not None:
+                    ratio = naive_ratio
+                base = w ** baseline_slope
+                lmc.append({**cell, "split": "test", "loss_barrier": barrier, "error_barrier": barrier})
+                layers += [{**cell, "layer": "relu1", "cos_dist": ratio * base / 2, "cos_dist_baseline": base},
+                           {**cell, "layer": "logits", "cos_dist": ratio * base, "cos_dist_baseline": base}]
+    lmc, layers = pd.DataFrame(lmc), pd.DataFrame(layers)
+    dims = pd.DataFrame(columns=["setting", "model", "stage", "layer", "pr_plain"])
+    return lmc, layers, dims
+
+
+def llfc_rows(frames):
+    return {r["pair"]: r for r in claims.width_claims(*frames, "cpu") if r["claim"] == "width.llfc_follows_lmc"}
+
+
+def test_llfc_follows_lmc_per_matched_method_relative_to_its_baseline():
+    rows = llfc_rows(llfc_sweep())
+    assert list(rows) == ["wm", "swm", "am"]                 # per matched method; no naive row, no pooled row
+    assert all(r["passed"] and r["value"] == pytest.approx(1.0) for r in rows.values())
+    assert "over 4 widths" in rows["am"]["detail"]           # replicates averaged per width
+    along = width.llfc_along_width(llfc_sweep()[1], llfc_sweep()[0])
+    first = along[(along.method == "am") & (along.width == 16)]
+    assert first.relative_cos_dist.item() == pytest.approx(0.15) and first.error_barrier.item() == pytest.approx(0.2)
+    # the ratio rises as the barrier falls: fails
+    assert not any(r["passed"] for r in llfc_rows(llfc_sweep(ratio_slope=0.2)).values())
+    # cos_dist falls with width only because the endpoints converge (the baseline falls faster): fails
+    frames = llfc_sweep(ratio_slope=0.1, baseline_slope=-0.5)
+    absolute = frames[1].groupby(["method", "width"]).cos_dist.max()
+    assert absolute.loc["am"].is_monotonic_decreasing            # the absolute distance would have "followed"
+    assert not any(r["passed"] for r in llfc_rows(frames).values())
+    # a flat ratio: no correlation (NaN) fails; pooling the naive pair would have made it look positive
+    assert not any(r["passed"] for r in llfc_rows(llfc_sweep(ratio_slope=0.0, naive_ratio=0.9)).values())
+
+
+def test_width_llfc_needs_a_width_sweep():
+    lmc, layers, dims = llfc_sweep(widths=(16, 64))
+    assert llfc_rows((lmc, layers, dims)) == {}
+
+
+# --------------------------------------------------------------------- chapters 5 and 6 on real data
+# A criterion the data cannot violate checks nothing: every claim of chapters 5 and 6 must fail somewhere
+# on the committed cpu tables, or in a stated control. The controls, each of which must fail wherever it is
+# applied: the naive pair in CM's place (cm.lmc, which passes on every committed row), a search that stops
+# where it started (cm.com_lower: CM's objective replaced by its start's), and the naive pair held to feature
+# averaging as if it were an LMC pair (average.interchangeable).
+CPU = Path(__file__).resolve().parent.parent / "results" / "cpu"
+
+
+def committed(name):
+    return pd.read_csv(CPU / f"{name}.csv")
+
+
+def chapter6_tables():
+    settings = ["mnist-mlp", "cifar10-mlp", "cifar10-resnet20"]
+    lmc = pd.concat([committed("lmc"), committed("cm_lmc")], ignore_index=True)
+    conditions = pd.concat([committed("conditions"), committed("cm_conditions")], ignore_index=True)
+    return {"cm": committed("cm"), "lmc": lmc[lmc.setting.isin(settings)],
+            "conditions": conditions[conditions.setting.isin(settings)], "averaging": committed("averaging"),
+            "spawn_lmc": committed("spawn_lmc"), "spawn_layers": committed("spawn_layers")}
+
+
+def failures(rows):
+    return {(r["claim"], r["setting"], r["pair"]) for r in rows if not r["passed"]}
+
+
+def test_every_claim_of_chapters_5_and_6_fails_somewhere_on_real_data():
+    t = chapter6_tables()
+    lmc, layers, dims = committed("width_lmc"), committed("width_layers"), committed("width_dims")
+    found = failures(claims.cm_claims(t["cm"], t["lmc"], t["conditions"], "cpu")
+                     + claims.averaging_claims(t["averaging"], "cpu")
+                     + claims.spawn_claims(t["spawn_lmc"], t["spawn_layers"], "cpu")
+                     + claims.width_claims(lmc, layers, dims, "cpu"))
+    # the controls, each of which must fail wherever it is applied
+    naive_as_cm = pd.concat([t["lmc"][t["lmc"].pair != "cm"], t["lmc"][t["lmc"].pair == "naive"].assign(pair="cm")])
+    control = [r for r in claims.cm_claims(t["cm"], naive_as_cm, t["conditions"], "cpu") if r["claim"] == "cm.lmc"]
+    assert len(control) == 6 and not any(r["passed"] for r in control)   # 3 settings x 2 splits
+    stopped = t["cm"].copy()   # CM returns its start
+    for setting, g in stopped.groupby("setting"):
+        start = g[g.method.isin(["wm", "am"])].objective.min()
+        stopped.loc[(stopped.setting == setting) & (stopped.method == "cm"), "objective"] = start
+    control += claims.cm_claims(stopped, t["lmc"], t["conditions"], "cpu")
+    assert all(not r["passed"] for r in control if r["claim"] == "cm.com_lower")
+    averaging = t["averaging"]
+    naive_as_lmc = averaging[averaging.pair == "naive"].assign(pair="spawn")
+    control += claims.averaging_claims(naive_as_lmc, "cpu")
+    assert all(not r["passed"] for r in control if r["claim"] == "average.interchangeable")
+    found |= failures(control)
+    ids = {c for c in claims.CLAIMS if c.split(".")[0] in ("cm", "average", "spawn", "width")}
+    assert ids == {c for c, _, _ in found}, ids - {c for c, _, _ in found}
+    # and on the committed tables alone, the failures the deviations explain
+    assert ("spawn.onset", "mnist-mlp", "spawn") in found and ("cm.com_lower", "cifar10-resnet20", "cm") in found
+    assert ("width.llfc_follows_lmc", "cifar10-depth3", "am") in found
 
 
 # ------------------------------------------------------------------------------------------ replicates

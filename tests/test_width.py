@@ -214,7 +214,7 @@ def _width_frames(matched_slope: float, naive_barrier: float, swm_factor: float,
                             b *= (1 + i) if setting == "lr" else 1.0
                         lmc.append({**cell, "method": method, "split": "test", "loss_barrier": b, "error_barrier": b / 5})
                         layers.append({**cell, "method": method, "layer": "relu1",
-                                       "cos_dist": 0.5 + llfc_sign * b})
+                                       "cos_dist": 0.5 + llfc_sign * b, "cos_dist_baseline": 1.0})
                     dims.append({**cell, "model": "a", "stage": "trained", "layer": "fc1",
                                  "pr_plain": 10 + dim_sign * i, "pr_sigma": 3.0})
     return pd.DataFrame(lmc), pd.DataFrame(layers), pd.DataFrame(dims)
@@ -231,7 +231,8 @@ def test_width_claims_pass_where_the_theory_holds():
     assert got[("width.matching_needed", "w", "am")]
     assert got[("width.sigma_wm", "w", "swm")] and got[("width.sigma_wm", "lr", "swm")]
     assert got[("width.dimension_barrier", "lr", "wm")]
-    assert got[("width.llfc_follows_lmc", "w", "all")]
+    assert all(got[("width.llfc_follows_lmc", "w", m)] for m in ("wm", "swm", "am"))
+    assert ("width.llfc_follows_lmc", "w", "naive") not in got and ("width.llfc_follows_lmc", "lr", "wm") not in got
     assert ("width.barrier_falls", "lr", "wm") not in got  # one width: no slope to fit
 
 
@@ -241,4 +242,4 @@ def test_width_claims_fail_where_it_does_not():
     assert not got[("width.matching_needed", "w", "wm")]        # naive no worse than matched
     assert not got[("width.sigma_wm", "w", "swm")]              # Sigma-WM worse than WM
     assert not got[("width.dimension_barrier", "lr", "wm")]     # dimension falls as the barrier rises
-    assert not got[("width.llfc_follows_lmc", "w", "all")]      # cos_dist falls as the barrier rises
+    assert not got[("width.llfc_follows_lmc", "w", "am")]       # the barrier is flat in width: no correlation

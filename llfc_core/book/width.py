@@ -316,16 +316,42 @@ def max_layer(layers: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
     return layers.groupby(["setting"] + GRID + ["method"], as_index=False)[column].max()
 
 
+def relative_cos_dist(layers: pd.DataFrame) -> pd.DataFrame:
+    """`layers` with `relative_cos_dist` = cos_dist / cos_dist_baseline: LLFC's distance as a fraction of the
+    endpoints' own distance at that layer. As width grows the endpoints' features (the logits above all)
+    come closer by themselves, which lowers cos_dist without the midpoint's features becoming any more the
+    average of the endpoints'; the ratio takes that out."""
+    return layers.assign(relative_cos_dist=layers.cos_dist / layers.cos_dist_baseline)
+
+
 def worst_layer(layers: pd.DataFrame, lmc: pd.DataFrame, column: str = "cos_dist") -> pd.DataFrame:
-    """Per (cell, method): the worst layer's `column` (`max_layer`) beside that pair's rows of `lmc` (pass one
-    split): what the claim `width.llfc_follows_lmc` correlates."""
+    """Per (cell, method): the worst layer's `column` (`max_layer`; `relative_cos_dist` is added when asked
+    for) beside that pair's rows of `lmc` (pass one split)."""
+    if column == "relative_cos_dist" and column not in layers.columns:
+        layers = relative_cos_dist(layers)
     return max_layer(layers, column).merge(lmc, on=["setting"] + GRID + ["method"])
 
 
+def llfc_along_width(layers: pd.DataFrame, lmc: pd.DataFrame) -> pd.DataFrame:
+    """Per width sweep, matched method (`MATCHED`: no naive rows) and width: the worst layer's
+    `relative_cos_dist` (the largest over the feature layers of each cell, then the mean over replicates)
+    beside the mean of `lmc`'s error barrier (pass one split): what `width.llfc_follows_lmc` rank-correlates."""
+    worst = worst_layer(swept(layers, "width"), lmc, "relative_cos_dist")
+    worst = worst[worst.method.isin(MATCHED)]
+    return worst.groupby(["setting", "method", "width"], as_index=False, sort=True)[
+        ["relative_cos_dist", "error_barrier"]].mean()
+
+
 def llfc_slopes(layers: pd.DataFrame, lmc: pd.DataFrame) -> pd.DataFrame:
-    """Per width sweep and method: the log-log slope against width of the worst layer's cos_dist beside that
-    of the loss barrier (`lmc`: one split), LLFC read along width as LMC is."""
-    worst = worst_layer(swept(layers, "width"), lmc)
-    slopes = pd.concat([fit_slopes(worst, y, ["setting", "method"]).assign(quantity=y) for y in ("cos_dist", "loss_barrier")])
-    return slopes.pivot_table(index=["setting", "method"], columns="quantity", values="slope", sort=False).rename(
-        columns={"cos_dist": "slope of the worst layer's cos_dist", "loss_barrier": "slope of the loss barrier"})
+    """Per width sweep and method: the log-log slope against width of the worst layer's cos_dist, of the worst
+    layer's cos_dist relative to its baseline (`relative_cos_dist`) and of the loss barrier (`lmc`: one
+    split), LLFC read along width as LMC is."""
+    layers = relative_cos_dist(swept(layers, "width"))
+    names = {"cos_dist": "slope of the worst layer's cos_dist",
+             "relative_cos_dist": "slope of the worst layer's cos_dist / baseline",
+             "loss_barrier": "slope of the loss barrier"}
+    worst, relative = worst_layer(layers, lmc), worst_layer(layers, lmc, "relative_cos_dist")
+    slopes = pd.concat([fit_slopes(frame, y, ["setting", "method"]).assign(quantity=y) for frame, y in (
+        (worst, "cos_dist"), (relative, "relative_cos_dist"), (worst, "loss_barrier"))])
+    return slopes.pivot_table(index=["setting", "method"], columns="quantity", values="slope", sort=False)[
+        list(names)].rename(columns=names)
