@@ -75,7 +75,7 @@ def test_a_smoke_run_of_chapter_01_writes_its_table_and_manifest(tmp_path):
     assert "01_lmc" in done.stdout and "(computed)" in done.stdout
     lmc = pd.read_csv(results / "smoke" / "lmc.csv")
     assert set(lmc.setting) == {"mnist-mlp"} and len(lmc)
-    assert list(lmc.columns[:7]) == ["setting", "pair", "correction", "split", "alpha", "loss", "error"]
+    assert list(lmc.columns[:8]) == ["setting", "replicate", "pair", "correction", "split", "alpha", "loss", "error"]
     assert lmc.alpha.min() == 0 and lmc.alpha.max() == 1 and lmc.error.between(0, 1).all()
     manifest = json.loads((results / "smoke" / "manifest.json").read_text())
     assert manifest["profile"] == "smoke"

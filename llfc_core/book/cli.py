@@ -2,6 +2,7 @@
 
     python -m llfc_core run --profile cpu                    # every table of every chapter
     python -m llfc_core run --profile cpu --settings mnist-mlp,cifar10-mlp --recompute
+    python -m llfc_core run --estimate --profile paper   # minutes per setting on this device; computes nothing
 
 Tables go to results/<profile>/ with the manifest, as when the chapters compute them; settings whose
 committed rows match their configuration are read, not recomputed (unless --recompute). Afterwards
@@ -36,6 +37,13 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default=None, help="comma-separated setting names (default: all of the profile)")
     p.add_argument("--chapters", default=",".join(CHAPTER_TABLES), help="comma-separated chapter names")
     p.add_argument("--recompute", action="store_true", help="recompute even where committed rows match")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the estimated minutes per setting and in total of a cold run on this device "
+                        "(a few timed training steps per model), compute nothing else, exit")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="with --estimate: train in this precision (default: each recipe's, by the device's policy)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="with --estimate: also say which profile fits this many minutes (book.estimate.choose_profile)")
     args = parser.parse_args(argv)
     chapters = [c.strip() for c in args.chapters.split(",") if c.strip()]
     unknown = sorted(set(chapters) - set(CHAPTER_TABLES))
@@ -46,8 +54,34 @@ def main(argv=None) -> int:
             chapter.resolve(name, args.profile, args.settings)
     except KeyError as e:
         parser.error(e.args[0])
+    if args.estimate and args.precision:
+        from ..runtime import default_device, training_precision
+
+        try:  # fp16 on the CPU is refused, as training would refuse it
+            training_precision(default_device(), args.precision)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.estimate:
+        estimate(args.profile, args.settings, chapters, args.precision, args.budget)
+        return 0
+    if args.precision or args.budget is not None:
+        parser.error("--precision and --budget go with --estimate")
     run(args.profile, args.settings, args.recompute, chapters)
     return 0
+
+
+def estimate(profile: str | None, settings: str | None, chapters: list[str], precision: str | None = None,
+             budget: float | None = None) -> None:
+    """`run --estimate`: minutes per (chapter, setting) and in total of a cold run here (book.estimate)."""
+    from ..runtime import configure_threads, default_device
+    from .estimate import choose_profile, report
+
+    configure_threads()
+    profile = chapter.resolve(chapters[0], profile, settings)[0]
+    report(profile, default_device(), chapters=chapters, settings=settings, precision=precision)
+    if budget is not None:
+        chosen, reason = choose_profile(default_device(), budget)
+        print(f"for a budget of {budget:g} min: {reason}")
 
 
 if __name__ == "__main__":

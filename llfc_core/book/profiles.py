@@ -170,7 +170,16 @@ PROFILES: dict[str, dict[str, Setting]] = {
 
 
 def default_profile() -> str:
-    return "paper" if torch.cuda.is_available() else "cpu"
+    """'cpu' without a GPU. With one, the largest profile whose estimate fits the GPU's budget
+    (`book.estimate.choose_profile`, from timed training steps on it): 'paper' only where it fits; the
+    choice and its reason are printed."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from .estimate import choose_profile  # imported here: estimate reads the profiles
+
+    profile, reason = choose_profile(torch.device("cuda"))
+    print(f"profile {profile!r} chosen for this GPU: {reason} (set LLFC_PROFILE to choose)")
+    return profile
 
 
 def get_settings(profile: str | None = None, names: list | str | None = None, **overrides) -> dict[str, Setting]:
