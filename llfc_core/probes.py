@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation
+from .runtime import cross_products
 from .taps import LINEAR_OPS, LOGITS, Recorder, Replace, find_taps
 
 
@@ -112,7 +113,7 @@ def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 1
                 for t, rec in (("a", rec_a), ("b", rec_b)):
                     f = rec.post[l]
                     rows = f if f.dim() == 2 else f.movedim(1, -1).reshape(-1, f.shape[1])
-                    gram[(t, l)] = gram[(t, l)] + rows.double().T @ rows.double()
+                    gram[(t, l)] = gram[(t, l)] + cross_products(rows, rows)
     finally:
         rec_a.remove(), rec_b.remove()
     out = []

@@ -135,3 +135,13 @@ class exact_matmul(contextlib.ContextDecorator):
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
         return False
+
+
+def cross_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b (rows are observations) as a float64 sum for accumulating statistics over batches. On a GPU
+    the product runs in fp32 and only the result is float64 (float64 matmuls run at 1/32 to 1/64 of fp32 on
+    most GPUs); on the CPU it stays in float64 throughout, as every committed result was computed."""
+    if a.is_cuda:
+        with exact_matmul():  # fp32, not TF32
+            return (a.float().T @ b.float()).double()
+    return a.double().T @ b.double()

@@ -68,3 +68,13 @@ def test_batches_copy_the_normalisation_constants_once(monkeypatch):
     assert torch.equal(batches[0][0], first[0])  # and the same numbers as before the cache existed
     mean, std = (original(s).view(1, -1, 1, 1) for s in data.STATS["cifar10"])
     assert torch.equal(data.normalise(ds.images[:4], "cifar10"), (ds.images[:4].float() - mean) / std)
+
+
+def test_cross_products_are_float64_sums_and_exact_on_the_cpu():
+    from llfc_core.runtime import cross_products
+
+    a, b = torch.randn(300, 7), torch.randn(300, 5)
+    got = cross_products(a, b)
+    assert got.dtype == torch.float64 and torch.equal(got, a.double().T @ b.double())  # the CPU path: float64 throughout
+    # the GPU path's arithmetic (fp32 products, float64 result), run here on the CPU: within fp32 rounding
+    assert torch.allclose((a.float().T @ b.float()).double(), got, rtol=1e-5, atol=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..permutation import PermutationSpec, SpecError, check_same_architecture
+from ..runtime import cross_products
 from . import MatchResult, register, solve_assignment
 from .weight import GIT_RE_BASIN
 
@@ -35,9 +36,10 @@ def activation_matching(model_a, model_b, spec: PermutationSpec, batches, *, nor
             model_a(x), model_b(x)
             for p, names in spec.activations.items():
                 for name in names:
-                    fa, fb = (_channels_last_rows(captured[t].pop(name)).double() for t in ("a", "b"))
+                    ra, rb = (_channels_last_rows(captured[t].pop(name)) for t in ("a", "b"))
+                    fa, fb = ra.double(), rb.double()
                     s = stats[p] or {"ab": 0.0, "a": 0.0, "b": 0.0, "aa": 0.0, "bb": 0.0, "n": 0}
-                    s["ab"] = s["ab"] + fa.T @ fb
+                    s["ab"] = s["ab"] + cross_products(ra, rb)
                     s["a"], s["b"] = s["a"] + fa.sum(0), s["b"] + fb.sum(0)
                     s["aa"], s["bb"] = s["aa"] + (fa * fa).sum(0), s["bb"] + (fb * fb).sum(0)
                     s["n"] += fa.shape[0]
