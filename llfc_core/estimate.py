@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import data
 from .models import build_model
 from .recipes import Recipe
-from .runtime import default_device, training_precision
+from .runtime import default_device, device_name, training_precision
 
 INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 TRAIN_SIZES = {name: data.SIZES[(name, "train")] for name in INPUT_SHAPES}
@@ -162,26 +160,6 @@ def train_samples(recipe: Recipe) -> int:
 
 
 # ----------------------------------------------------------------------------------------- devices
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_name(device=None) -> str:
-    """What the device is: the GPU's name, or the CPU's model name."""
-    device = torch.device(device or default_device())
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple GPU (mps)"
-    return _cpu_name()
-
-
 def describe_device(device=None, precision: str | None = None) -> str:
     """'cpu (AMD EPYC 7B13, 2 threads, fp32)': the device, its name, torch's thread count and the
     training precision the policy resolves to there (or `precision`)."""
@@ -213,14 +191,12 @@ def _step_seconds(recipe: Recipe, device: torch.device, precision: str, steps: i
     """Seconds of each timed training step (after the warm-up), each from the end of the previous one, so the
     batch's normalisation and augmentation count: the loop of `train.train`, on random images. At least
     `steps` steps, and more (up to `MAX_STEPS`) until they add up to `min_seconds`."""
-    from .train import AUTOCAST_DTYPES, new_state  # train imports nothing from here; keep the core's order
+    from .train import global_rng_restored, new_state, training_step, uses_channels_last
 
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):  # leave the caller's RNG as it was
+    with global_rng_restored(device):  # leave the caller's RNG as it was
         state = new_state(recipe, 0, device, precision)
         model, opt = state.model, state.optimizer
-        amp = precision != "fp32"
-        channels_last = recipe.model["arch"] != "mlp" and (amp or device.type == "cuda")
+        channels_last = uses_channels_last(recipe, precision, device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -239,17 +215,7 @@ def _step_seconds(recipe: Recipe, device: torch.device, precision: str, steps: i
                                                     seed=epoch, device=device)):
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr_at(i / (steps + WARMUP_STEPS))
-                with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16), enabled=amp):
-                    logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-                    loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    opt.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                loss, logits = training_step(model, opt, x, y, precision, channels_last, scaler)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 _sync(device)

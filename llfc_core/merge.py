@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation, has_batchnorm
+from .neurons import unfold_rows
 from .taps import LINEAR_OPS, find_taps, probe_forward
 from .permutation import check_same_architecture
 
@@ -190,8 +191,7 @@ def _rows(op: nn.Module, h: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, ma
         dim = op.in_channels * op.kernel_size[0] * op.kernel_size[1]
         step = max(1, max_elements // max(positions * dim, 1))
         for i in range(0, h.shape[0], step):
-            cols = F.unfold(h[i:i + step], op.kernel_size, op.dilation, op.padding, op.stride)
-            yield (cols.transpose(1, 2).reshape(-1, cols.shape[1]),
+            yield (unfold_rows(op, h[i:i + step]),
                    *(y[i:i + step].flatten(2).transpose(1, 2).reshape(-1, y.shape[1]) for y in (ya, yb)))
         return
     z, ta, tb = h.reshape(-1, op.in_features), ya.reshape(-1, op.out_features), yb.reshape(-1, op.out_features)

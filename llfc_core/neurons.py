@@ -47,8 +47,14 @@ def patch_rows(module, h: torch.Tensor, max_rows: int):
     positions = F.unfold(h[:1], module.kernel_size, module.dilation, module.padding, module.stride).shape[-1]
     step = max(1, max_rows // positions)
     for i in range(0, h.shape[0], step):
-        cols = F.unfold(h[i:i + step], module.kernel_size, module.dilation, module.padding, module.stride)
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        yield unfold_rows(module, h[i:i + step])
+
+
+def unfold_rows(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """A conv's input as patch rows, one per sample and output position, in `weight.flatten(1)`'s column
+    order (channel, then kernel position): conv(h) = rows @ weight.flatten(1).T, reshaped."""
+    cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def linear_ops(model: nn.Module) -> dict[str, nn.Module]:
@@ -296,8 +302,14 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def optimal_matching(x, y) -> torch.Tensor:
     """The permutation pi minimising sum_i ||x_i - y_pi(i)||^2 (one exact linear assignment,
     `matching.solve_assignment`): y[pi] is y in x's order."""
+    return min_cost_assignment(squared_distances(x, y))
+
+
+def min_cost_assignment(cost: torch.Tensor) -> torch.Tensor:
+    """argmin_perm sum_i cost[i, perm[i]] (`matching.solve_assignment` on -cost)."""
     from .matching import solve_assignment  # the matching package imports this module
-    return solve_assignment(-squared_distances(x, y))
+
+    return solve_assignment(-cost)
 
 
 def cloud_distance(x, y, squared: bool = False, solver: str = "lap") -> float:
@@ -428,12 +440,6 @@ def transport_curve(d: int, law: str = "cube", sizes=(64, 128, 256, 512, 1024, 2
     return pd.DataFrame(rows)
 
 
-def _solve_assignment(cost):
-    from .matching import solve_assignment  # the matching package imports this module
-
-    return solve_assignment(cost)
-
-
 def flat_torus_transport_curve(d: int, sizes=(64, 128, 256, 512, 1024), seeds: int = 4) -> pd.DataFrame:
     """W2^2 between two samples of the uniform law on the flat torus R^d / Z^d in its own (periodic) metric:
     no boundary (the cube's steepens finite-m slopes) and no curvature (the embedded `torus` law's flattens
@@ -448,7 +454,7 @@ def flat_torus_transport_curve(d: int, sizes=(64, 128, 256, 512, 1024), seeds: i
             for k in range(d):  # per coordinate, the shorter way round
                 gap = (x[:, k, None] - y[None, :, k]).abs()
                 cost += torch.minimum(gap, 1 - gap) ** 2
-            perm = _solve_assignment(-cost)
+            perm = min_cost_assignment(cost)
             rows.append({"law": "flat_torus", "d": d, "m": m, "seed": s, "w2_sq": float(cost[torch.arange(m), perm].mean())})
     return pd.DataFrame(rows)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -83,6 +84,22 @@ def training_precision(device=None, requested: str = "auto") -> str:
     if choice == "auto":
         return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     return choice
+
+
+def device_name(device=None) -> str:
+    """What the device is: the GPU's name, or the CPU's model name (recorded with every result)."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (mps)"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def repo_root() -> Path:

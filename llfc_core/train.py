@@ -103,10 +103,6 @@ def scaler_state(scaler: torch.amp.GradScaler | None) -> dict | None:
     return None if scaler is None else {k: (float(v) if k == "scale" else v) for k, v in scaler.state_dict().items()}
 
 
-def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
-    scaler.load_state_dict(dict(state))
-
-
 def epoch_seed(data_seed: int, epoch: int) -> int:
     """The seed of one epoch's order and augmentation. 1_000_003 is a prime above any epoch count, so
     distinct (data_seed, epoch) pairs never share a seed."""
@@ -122,7 +118,7 @@ def dropout_seed(data_seed: int, epoch: int) -> int:
 
 
 @contextmanager
-def _global_rng_restored(device: torch.device):
+def global_rng_restored(device: torch.device):
     """Leave the global RNG (CPU, and `device` when CUDA) as it was: training seeds it per epoch."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
@@ -157,6 +153,30 @@ def new_state(recipe: Recipe, init_seed: int, device, precision: str = "fp32") -
     return TrainState(model, build_optimizer(recipe, model, precision), 0)
 
 
+def uses_channels_last(recipe: Recipe, precision: str, device: torch.device) -> bool:
+    """channels_last helps conv nets under autocast (CPU and GPU) and on CUDA; fp32 on the CPU stays NCHW:
+    channels_last is faster there too, but oneDNN then sums in another order and the weights change."""
+    return recipe.model["arch"] != "mlp" and (precision != "fp32" or device.type == "cuda")
+
+
+def training_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str,
+                  channels_last: bool, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step under the precision policy (the learning rate is the caller's): forward under
+    autocast, fp32 loss, backward and step, through `scaler` in fp16. Returns (loss, logits)."""
+    with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16), enabled=precision != "fp32"):
+        logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # fp16: scaled gradients; the fused optimizer skips steps with inf/NaN gradients itself
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, logits
+
+
 def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int | None = None,
           state: TrainState | None = None, checkpoint=None, device=None, callback=None,
           compile: bool = False, precision: str | None = None) -> TrainState:
@@ -180,10 +200,7 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
     if checkpoint is not None and cache.has_entry(checkpoint):
         state = _resume(state, checkpoint, precision)
     ds = dataset_on(recipe.dataset, "train", str(device), recipe.train_subset)
-    amp = precision != "fp32"
-    # channels_last helps conv nets under autocast (CPU and GPU) and on CUDA; fp32 on the CPU stays NCHW:
-    # channels_last is faster there too, but oneDNN then sums in another order and the weights change.
-    channels_last = recipe.model["arch"] != "mlp" and (amp or device.type == "cuda")
+    channels_last = uses_channels_last(recipe, precision, device)
     if channels_last:
         state.model = state.model.to(memory_format=torch.channels_last)
     align_optimizer_state(state.optimizer)  # after a resume or a spawn the state may be in another layout
@@ -192,7 +209,7 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
     steps_per_epoch = -(-len(ds) // recipe.batch_size)
     bar = progress(total=(until - state.epoch) * steps_per_epoch, desc=f"{recipe.name} seed {init_seed}/{data_seed}",
                    leave=False)
-    with _global_rng_restored(device):
+    with global_rng_restored(device):
         for epoch in range(state.epoch, until):
             state.model.train()
             _seed_global_rng(dropout_seed(data_seed, epoch), device)  # dropout masks depend on (data_seed, epoch) only
@@ -201,17 +218,7 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
                                                     seed=epoch_seed(data_seed, epoch), device=device)):
                 for group in state.optimizer.param_groups:
                     group["lr"] = recipe.lr_at(epoch + i / steps_per_epoch)
-                with torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16), enabled=amp):
-                    logits = step_fn(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-                    loss = F.cross_entropy(logits.float(), y)
-                state.optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    state.optimizer.step()
-                else:  # fp16: scaled gradients; the fused optimizer skips steps with inf/NaN gradients itself
-                    scaler.scale(loss).backward()
-                    scaler.step(state.optimizer)
-                    scaler.update()
+                loss, logits = training_step(step_fn, state.optimizer, x, y, precision, channels_last, scaler)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 if i % 50 == 0 and not torch.isfinite(loss_sum):  # a sync every 50 steps is cheap
@@ -257,7 +264,7 @@ def _resume(state: TrainState, folder, precision: str = "fp32") -> TrainState:
     # keeps Adam's `step` counter on the CPU (on the GPU it would cost a sync per parameter per step).
     load_optimizer(state.optimizer, groups["optimizer"], meta["param_groups"])
     if state.scaler is not None:
-        load_scaler(state.scaler, meta["scaler"])
+        state.scaler.load_state_dict(dict(meta["scaler"]))
     return TrainState(state.model, state.optimizer, meta["epoch"], meta["history"], state.scaler)
 
 

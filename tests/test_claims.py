@@ -259,8 +259,8 @@ def test_cm_lmc_is_checked_with_batchnorm_statistics_reset_where_a_setting_has_t
     assert not verdict(rows, "cm.lmc", split="test")
     # a setting with only 'none' (the MLPs) is checked under it
     _, lmc, _ = both(dict(cm_barrier=0.01), dict(cm_barrier=0.2))
-    assert set(claims.cm_convention(lmc).correction) == {"bn_reset"}
-    assert set(claims.cm_convention(cm_frames()[1]).correction) == {"none"}
+    assert set(claims.under_cm_correction(lmc).correction) == {"bn_reset"}
+    assert set(claims.under_cm_correction(cm_frames()[1]).correction) == {"none"}
 
 
 def averaging_frame(lmc_change=0.0, naive_ensemble=0.3):
@@ -327,9 +327,9 @@ def test_both_conventions_keeps_the_settings_with_a_second_convention():
                        barrier_table().assign(correction="bn_reset", setting="x"),
                        barrier_table().assign(correction="none", setting="x"),
                        barrier_table().assign(correction="none", setting="mnist-mlp")])
-    assert set(claims.both_conventions(frame).setting) == {"x"}
-    assert set(claims.both_conventions(frame[frame.setting == "x"]).correction) == {"none", "bn_reset"}
-    assert claims.both_conventions(barrier_table()).empty  # no conventions at all
+    assert set(claims.both_corrections(frame).setting) == {"x"}
+    assert set(claims.both_corrections(frame[frame.setting == "x"]).correction) == {"none", "bn_reset"}
+    assert claims.both_corrections(barrier_table()).empty  # no conventions at all
 
 
 def test_theorem1_layers_is_layer_summary_per_pair_with_the_residual():

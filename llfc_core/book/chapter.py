@@ -56,10 +56,10 @@ class Chapter:
         covered = table_settings(table, self.settings)
         chosen = [name for name in self.settings if (settings is None or name in settings)
                   and (covered is None or name in covered)]
-        # what the manifest records of each row set: a sweep (chapter 5) says it itself, a setting through
-        # `pairs.provenance`
         if not chosen:
             return pd.DataFrame()
+        # what the manifest records of each row set: a sweep (chapter 5) says it itself, a setting through
+        # `pairs.provenance`
         describe = {name: s.provenance if isinstance(s, Sweep) else partial(provenance, s)
                     for name, s in self.settings.items() if name in chosen}
         frame = results.load_or_compute(self.profile, table, {name: results_hash(table, self.settings[name]) for name in chosen},
@@ -152,7 +152,7 @@ def resolve(name: str, profile: str | None = None, setting_names: list | str | N
 
 def start(name: str, profile: str | None = None, setting_names: list | str | None = None, recompute: bool = False,
           threads: int | None = None, **overrides) -> Chapter:
-    """Profile resolution: the argument, else $LLFC_PROFILE, else 'paper' with a GPU / 'cpu' without.
+    """Profile resolution (`resolve`): the argument, else $LLFC_PROFILE, else `profiles.default_profile()`.
     `setting_names`: a subset of the profile's settings (default: the chapter's, else all of them)."""
     configure_threads(threads)
     profile, chosen = resolve(name, profile, setting_names, **overrides)

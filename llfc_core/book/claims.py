@@ -193,7 +193,7 @@ def checked(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.correction == PAPER_CORRECTION] if "correction" in frame.columns else frame
 
 
-def both_conventions(frame: pd.DataFrame) -> pd.DataFrame:
+def both_corrections(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of the settings reported under a convention besides `PAPER_CORRECTION` (the BatchNorm settings,
     whose `bn_reset` rows the chapters set beside the paper's), every convention included."""
     if "correction" not in frame.columns:
@@ -408,7 +408,7 @@ def chapter4(matching: pd.DataFrame, stitching: pd.DataFrame, lmc: pd.DataFrame,
 
 
 # --------------------------------------------------------------------------------------- chapter 6
-def cm_convention(lmc: pd.DataFrame) -> pd.DataFrame:
+def under_cm_correction(lmc: pd.DataFrame) -> pd.DataFrame:
     """The rows of `lmc` that `cm.lmc` is checked on: each setting's rows under `CM_CORRECTION` where the
     setting has that convention (the BatchNorm settings), else under `PAPER_CORRECTION`."""
     if "correction" not in lmc.columns:
@@ -425,7 +425,7 @@ def cm_claims(cm: pd.DataFrame, lmc: pd.DataFrame, conditions: pd.DataFrame, pro
 
     `cm.com_lower`: CM's objective at least `cm_gain` below the better of WM's and AM's (CM's search starts
     from that one, so a plain "below" holds by construction); the test Dist_com is shown beside it.
-    `cm.lmc`, per split, under `cm_convention`: CM's error barrier at most `cm_margin` above the better of WM's
+    `cm.lmc`, per split, under `under_cm_correction`: CM's error barrier at most `cm_margin` above the better of WM's
     and AM's, *and* that reference at least `naive_margin` below the naive pair's barrier. Where matching does
     not separate from the naive pair the reference is no LMC baseline and the comparison says nothing, so the
     row fails (as a NaN correlation does)."""
@@ -447,7 +447,7 @@ def cm_claims(cm: pd.DataFrame, lmc: pd.DataFrame, conditions: pd.DataFrame, pro
                          f"objective CM {mine:.4f} vs " + ", ".join(f"{p.upper()} {v:.4f}" for p, v in starts.items())
                          + f" ({1 - ratio:.2%} below the better)" + (f"; test median Dist_com {tested}" if tested else ""),
                          "train"))
-    table = barriers(cm_convention(lmc)).set_index(["setting", "pair", "split"])
+    table = barriers(under_cm_correction(lmc)).set_index(["setting", "pair", "split"])
     for setting, split in table.index.droplevel("pair").unique():
         if (setting, "cm", split) not in table.index:
             continue

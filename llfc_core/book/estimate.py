@@ -46,6 +46,7 @@ from ..recipes import Recipe
 from ..runtime import default_device, training_precision
 from .pairs import STE_BATCH, model_plan
 from .profiles import Setting, seeds
+from .tables import CHAPTER_TABLES, LAYER_ALPHAS, TABLES, spawn_epochs, table_settings
 from .width import Sweep
 
 # Fitted on chapters 2 and 4 of the committed cpu run, which only evaluate (book/reproduce.md, "Estimates"):
@@ -59,7 +60,6 @@ WM_SWEEPS = 10      # weight matching from scratch: sweeps over all permutations
 STE_WM_SWEEPS = 1   # STE's projection per step, warm-started from the last: about one sweep (MNIST MLP 3x512 at
                     # init, 1 thread: 0.10 s measured for a warm-started call, 0.06 s by this model)
 CM_ROUNDS = 8       # CM's search: assignments per permutation (its linearised, AM's and cycle moves, 1-2 sweeps)
-LAYER_ALPHAS = 3    # tables.LAYER_ALPHAS
 COMMUTATIVITY_FORWARDS = 5  # metrics.layer_metrics: lhs (2), rhs (2) and the difference term per linear op
 
 PROFILE_ORDER = ("smoke", "cpu", "paper")
@@ -240,9 +240,9 @@ class Estimator:
         if name == "lmc_tables":
             return self.models(s) + self.all_perms(s) + Cost(evaluate=self.curves(s, pairs, s.corrections))
         if name == "layer_tables":
-            return self.models(s) + self.all_perms(s) + Cost(evaluate=self.layer_pass(s, pairs, LAYER_ALPHAS, s.corrections))
+            return self.models(s) + self.all_perms(s) + Cost(evaluate=self.layer_pass(s, pairs, len(LAYER_ALPHAS), s.corrections))
         if name == "matching_tables":  # identity, random and every aligned B, at alpha = 0.5
-            aligned = len([p for p in s.pairs if p in ("wm", "am", "ste")])
+            aligned = len([p for p in s.pairs if p not in ("spawn", "naive")])
             return self.models(s) + self.all_perms(s) + Cost(evaluate=self.layer_pass(s, 2 + aligned, 1, ["none"]))
         if name == "appendix_tables":  # stitching (A once, B per ReLU layer), principal angles (float64 Grams)
             stitch = self.forward_seconds(recipe, pairs * e_test * (1 + flops["relus"]))
@@ -257,14 +257,12 @@ class Estimator:
         if name == "cm_lmc_tables":
             return self.models(s) + self.perms(s, "cm") + Cost(evaluate=self.curves(s, 1, s.corrections))
         if name == "cm_layer_tables":
-            return self.models(s) + self.perms(s, "cm") + Cost(evaluate=self.layer_pass(s, 1, LAYER_ALPHAS, first))
+            return self.models(s) + self.perms(s, "cm") + Cost(evaluate=self.layer_pass(s, 1, len(LAYER_ALPHAS), first))
         if name == "averaging_tables":  # A, B, theta_alpha at 3 alphas, and a pass per ReLU layer at 0.5
-            passes = (pairs + 1) * e_test * (2 + LAYER_ALPHAS + flops["relus"])
+            passes = (pairs + 1) * e_test * (2 + len(LAYER_ALPHAS) + flops["relus"])
             return (self.models(s) + self.all_perms(s) + self.perms(s, "cm")
                     + Cost(evaluate=self.forward_seconds(recipe, passes)))
         if name == "spawn_tables":
-            from .tables import spawn_epochs
-
             cost = Cost()
             table = seeds(s.replicate)
             for epoch in spawn_epochs(s):
@@ -343,7 +341,6 @@ def sweep_minutes(sweep: Sweep, device=None, *, precision: str | None = None,
 
 
 def _chapters(chapters) -> list[str]:
-    from .tables import CHAPTER_TABLES
 
     if chapters is None:
         return list(CHAPTER_TABLES)
@@ -362,7 +359,6 @@ def profile_minutes(profile: str, device=None, *, chapters=None, settings=None, 
     (work an earlier row made is not counted again), and a last row 'total'. Columns: chapter, setting,
     train, evaluate, total (minutes)."""
     from . import chapter as chapter_module
-    from .tables import CHAPTER_TABLES, TABLES, table_settings
 
     est = estimator or Estimator(device, precision)
     rows = []

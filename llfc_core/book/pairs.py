@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import cache, data
-from ..matching import AlignmentData, align
+from ..matching import METHODS, AlignmentData, align
 from ..permutation import apply_permutation
-from .profiles import SEEDS, Setting, seeds
+from .profiles import REPLICATE_STRIDE, SEEDS, Setting, seeds
 from ..runtime import default_device
 from ..train import dataset_on, get_or_train, model_identity
 
@@ -85,9 +85,10 @@ def perms_config(models: SettingModels, method: str) -> dict:
     (which subset, drawn with which seed, in batches of which size)."""
     setting = models.setting
     config = {"a": models.keys["a"], "b": models.keys["independent"], "method": method}
-    if method in ("am", "cm", "swm"):
+    needs = METHODS[method].needs  # what the registry says the method learns from (`alignment_data`)
+    if "batches" in needs:
         config["statistics"] = [setting.statistics_samples, SUBSET_SEEDS["statistics"], STATS_BATCH]
-    if method == "ste":  # only STE's permutation depends on its budget
+    if "epoch_batches" in needs:  # STE: its budget too
         config["ste"] = [setting.ste_epochs, setting.ste_subset, SUBSET_SEEDS["ste"], STE_BATCH]
     return config
 
@@ -169,7 +170,7 @@ def provenance(setting: Setting) -> dict:
     keys = {f"{name}/r{r}" if r else name: key for r in range(setting.replicates)
             for name, key in model_hashes(setting.at_replicate(r)).items()}
     return {"setting": {"hash": setting_hash(setting), "recipe": setting.recipe.name, "model": setting.recipe.model,
-                        "model_keys": keys, "pairs": list(setting.pairs),
+                        "model_keys": keys, "pairs": list(setting.pairs), "replicates": setting.replicates,
                         "corrections": list(setting.corrections), "notes": setting.notes},
             "data": {setting.recipe.dataset: dataset_on(setting.recipe.dataset, "test", "cpu").source},
-            "seeds": SEEDS, "replicates": {"count": setting.replicates, "seeds": "replicate r: every seed + 1000 r"}}
+            "seeds": {**SEEDS, "replicate r": f"every seed + {REPLICATE_STRIDE} r"}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..runtime import default_device, repo_root
+from ..runtime import default_device, device_name, repo_root
 
 TABLE_COLUMNS = {  # the documented columns come first, extras follow
     "lmc": ["setting", "replicate", "pair", "correction", "split", "alpha", "loss", "error"],
@@ -43,16 +42,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name() -> str:
+def device_label() -> str:
+    """The device as the manifest records it: 'cpu (AMD EPYC, 2 threads)' or the GPU's name."""
     device = default_device()
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.machine()
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+        return device_name(device)
+    return f"{device.type} ({device_name(device)}, {torch.get_num_threads()} threads)"
 
 
 def read_manifest(profile: str) -> dict:
@@ -99,7 +94,7 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
         merged = pd.concat([keep, frame], ignore_index=True) if keep is not None else frame
         path.parent.mkdir(parents=True, exist_ok=True)
         merged.to_csv(path, index=False, float_format="%.6g")
-        manifest.update({"profile": profile, "commit": git_commit(), "device": device_name(),
+        manifest.update({"profile": profile, "commit": git_commit(), "device": device_label(),
                          "torch": torch.__version__, "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         for name in computed:
             record = describe(name)
@@ -117,5 +112,5 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
 def record_chapter_time(profile: str, chapter: str, minutes: float) -> None:
     manifest = read_manifest(profile)
     manifest.setdefault("chapters", {})[chapter] = {"minutes": round(minutes, 2), "commit": git_commit(),
-                                                   "device": device_name()}
+                                                   "device": device_label()}
     write_manifest(profile, manifest)

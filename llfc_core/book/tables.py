@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextvars
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 from functools import partial
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -122,7 +122,7 @@ def matching_tables(setting: Setting, device=None, seed: int = 0) -> dict[str, p
     a, b = models.a, models.others["independent"]
     spec = a.permutation_spec()
     sizes = spec.sizes(a.state_dict())
-    aligned = {p: pb for p, (_, pb) in build_pairs(models, device).items() if p in ("wm", "am", "ste")}
+    aligned = {p: pb for p, (_, pb) in build_pairs(models, device).items() if p not in ("spawn", "naive")}
     candidates = {"identity": apply_permutation(b, spec, identity_perms(sizes)),
                   "random": apply_permutation(b, spec, random_perms(sizes, seed)), **aligned}
     frames = []

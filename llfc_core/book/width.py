@@ -85,7 +85,8 @@ class Sweep:
         """One JSON-able dict per grid point: everything its results depend on, nothing else (no name),
         so two sweeps sharing a grid point share its cache entry."""
         # the precision the cells train in, resolved here (the recipe's dict leaves it out); recorded when not fp32
-        precision = {} if self.resolved_precision() == "fp32" else {"precision": self.resolved_precision()}
+        resolved = self.resolved_precision()
+        precision = {} if resolved == "fp32" else {"precision": resolved}
         return [{"recipe": self.recipe(h, w, lr).to_dict(), "grid": {"hidden_layers": h, "width": w, "lr": lr, "replicate": k},
                  "seeds": {"a": [2 * k, 2 * k], "b": [2 * k + 1, 2 * k + 1]}, "eval_train": self.eval_train,
                  "eval_test": self.eval_test, "statistics": self.statistics, "methods": list(self.methods),
