@@ -60,6 +60,12 @@ def dataset_on(name: str, split: str, device: str, subset: int | None = None) ->
     return data.load(name, split).subset(subset).to(device)
 
 
+def training_data(recipe: Recipe, device) -> data.Dataset:
+    """The images a network of this recipe is trained on (its `train_subset` of the training split): every
+    "train" measurement, calibration batch and alignment statistic of its networks is drawn from these."""
+    return dataset_on(recipe.dataset, "train", str(device), recipe.train_subset)
+
+
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, precision: str = "fp32") -> torch.optim.Optimizer:
     """SGD or AdamW. Under autocast (bf16, fp16) the fused implementation: one kernel per step instead of
     ~10 passes over the parameters (a sixth of an MLP step on the CPU), and with a GradScaler no host sync
@@ -199,7 +205,7 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
         state.scaler = torch.amp.GradScaler(device.type)
     if checkpoint is not None and cache.has_entry(checkpoint):
         state = _resume(state, checkpoint, precision)
-    ds = dataset_on(recipe.dataset, "train", str(device), recipe.train_subset)
+    ds = training_data(recipe, device)
     channels_last = uses_channels_last(recipe, precision, device)
     if channels_last:
         state.model = state.model.to(memory_format=torch.channels_last)
@@ -332,7 +338,7 @@ def get_or_train(recipe: Recipe, init_seed: int = 0, data_seed: int = 0, *, spaw
     meta = {"config": config, "key": key, "history": state.history,
             "test": evaluate(state.model, dataset_on(recipe.dataset, "test", str(device))),
             "device": str(device), "precision": precision, "torch": torch.__version__,
-            "data": dataset_on(recipe.dataset, "train", str(device), recipe.train_subset).source}
+            "data": training_data(recipe, device).source}
     cache.save_model(folder, state.model, meta)
     cache.remove_entry(cache.entry_dir("runs", key, root))
     return cache.load_model(folder, device)

@@ -95,10 +95,13 @@ def test_results_are_reused_when_fresh_and_recomputed_when_stale(tmp_path, monke
     assert calls[-2:] == ["mnist-mlp", "cifar10-mlp"]
     manifest = json.loads((tmp_path / "smoke" / "manifest.json").read_text())
     assert manifest["tables"]["demo"]["mnist-mlp"] == profiles.setting_hash(settings["mnist-mlp"])
-    assert set(manifest["settings"]["mnist-mlp"]["model_keys"]) == {"a", "spawn", "independent"}
+    assert set(manifest["settings"]["mnist-mlp"]["model_keys"]) == {"a", "spawn", "independent", "a/r1", "spawn/r1",
+                                                                    "independent/r1"}  # smoke: 2 replicates
     for key in ("profile", "commit", "device", "torch", "seeds", "data"):
         assert key in manifest
     assert "offline copy" in manifest["data"]["mnist"]
+    made = manifest["made_by"]["cifar10-mlp"]["demo"]  # each part of a book computed in parts says what made it
+    assert made["commit"] == results.git_commit() and made["device"] == results.device_label() and made["minutes"] >= 0
 
 
 def test_unknown_profile_and_setting():

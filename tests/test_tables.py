@@ -70,8 +70,33 @@ def test_every_base_setting_runs_at_smoke_and_has_claims():
 def test_calibration_takes_every_sample_it_is_given():
     """A calibration set above 5000 samples used to be cut to 5000 while the manifest said otherwise."""
     setting = smoke_mlp(calibration_samples=6000)["mnist-mlp"]
+    setting = replace(setting, recipe=replace(setting.recipe, train_subset=None))  # trained on all 60k images
     batches = pairs.calibration(setting, "cpu")
     assert sum(len(y) for _, y in batches) == 6000
+
+
+def _rows(batches) -> set:
+    """The normalised images of (x, y) batches, one hashable row per image (with its label)."""
+    return {(x.numpy().tobytes(), int(y)) for xb, yb in batches for x, y in zip(xb, yb)}
+
+
+def test_train_measurements_are_drawn_from_the_images_the_networks_trained_on():
+    """Issue #22: "train" curves, calibration batches and the alignments' statistics (AM, CM, Sigma-WM, STE)
+    come from the recipe's training subset, not from the whole training split."""
+    from llfc_core import data
+
+    setting = smoke_mlp(eval_train=1500, calibration_samples=1500, statistics_samples=1500, ste_subset=1500)["mnist-mlp"]
+    assert setting.recipe.train_subset == 2000  # of 60,000: a draw from the whole split would leave it
+    trained_on = _rows(data.batches(train.training_data(setting.recipe, "cpu"), 500))
+    alignment = pairs.alignment_data(setting, "cpu")
+    drawn = {"eval train": _rows(data.batches(pairs.eval_splits(setting, "cpu")["train"], 500)),
+             "calibration": _rows(pairs.calibration(setting, "cpu")),
+             "statistics": _rows(alignment.batches), "ste": _rows(alignment.epoch_batches(0))}
+    for what, rows in drawn.items():
+        assert len(rows) == 1500 and rows <= trained_on, what
+    # the control: the same draw from the whole split (what the code did before) leaves the training subset
+    whole = train.dataset_on("mnist", "train", "cpu").subset(1500, pairs.SUBSET_SEEDS["eval_train"])
+    assert not _rows(data.batches(whole, 500)) <= trained_on
 
 
 def test_pairs_of_a_setting(cache_dir, monkeypatch):
@@ -106,16 +131,21 @@ def test_permutation_keys_name_the_data_they_learn_from(cache_dir):
 
 
 def test_replicates_are_independent_and_replicate_0_is_the_single_run(cache_dir):
-    one = smoke_mlp(pairs=("spawn", "naive"))["mnist-mlp"]
+    one = smoke_mlp(pairs=("spawn", "naive"), replicates=1)["mnist-mlp"]
     two = replace(one, replicates=2)
-    assert profiles.setting_hash(replace(one, replicates=1)) == profiles.setting_hash(one)  # no field, no new hash
+    assert "replicates" not in one.to_dict()  # no field, so the hash of a single run is what it was before
     assert profiles.setting_hash(two) != profiles.setting_hash(one)
     keys = [pairs.model_hashes(two.at_replicate(r)) for r in (0, 1)]
-    assert keys[0] == pairs.model_hashes(one) and not set(keys[0].values()) & set(keys[1].values())
+    single = pairs.model_hashes(one)
+    assert {k: keys[0][k] for k in ("a", "spawn")} == {k: single[k] for k in ("a", "spawn")}
+    # B of replicate r is replicate r+1's spawn partner (trained once); no network is in two replicates' pairs
+    assert keys[0]["independent"] == keys[1]["spawn"] and keys[1]["independent"] == keys[0]["spawn"]
+    assert len({keys[r][k] for r in (0, 1) for k in ("a", "independent")}) == 4
     single, both = tables.compute_table("lmc", one), tables.compute_table("lmc", two)
     assert list(both.columns[:2]) == ["setting", "replicate"] and sorted(set(both.replicate)) == [0, 1]
-    assert both[both.replicate == 0].reset_index(drop=True).equals(single)
+    spawn = both[(both.replicate == 0) & (both.pair == "spawn")].reset_index(drop=True)
+    assert spawn.equals(single[single.pair == "spawn"].reset_index(drop=True))
     other = both[both.replicate == 1].reset_index(drop=True)
-    assert not other.loss.equals(single.loss)  # other seeds, other networks
+    assert not other.loss.equals(both[both.replicate == 0].reset_index(drop=True).loss)  # other seeds, networks
     with pytest.raises(ValueError, match="replicate 2 outside 0..1"):
         two.at_replicate(2)

@@ -11,7 +11,7 @@ from ..matching import METHODS, AlignmentData, align
 from ..permutation import apply_permutation
 from .profiles import REPLICATE_STRIDE, SEEDS, Setting, seeds
 from ..runtime import default_device
-from ..train import dataset_on, get_or_train, model_identity
+from ..train import dataset_on, get_or_train, model_identity, training_data
 
 # Each fixed random subset has its own seed, so changing the size of one leaves the others as they were.
 SUBSET_SEEDS = {"statistics": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "calibration": 5}
@@ -32,15 +32,27 @@ class SettingModels:
 
 
 def model_plan(setting: Setting) -> dict[str, tuple]:
-    """name -> (init seed, data seed, spawn point or None) of the models a setting needs."""
-    s = seeds(setting.replicate)
-    spawn = {"spawn_epoch": setting.spawn_epoch, "parent_data_seed": s["parent_data"]}
-    plan = {"a": (s["init_a"], s["data_a"], spawn)}
+    """name -> (init seed, data seed, spawn point or None) of the models a setting needs.
+
+    With several replicates and a spawn pair, replicate r's independent B is the spawn partner of replicate
+    r + 1 (mod R): a child of another parent, from other seeds, so independent of A, and trained anyway
+    (issue #22: a third fewer networks). The pairs (A_r, S_{r+1}) share no network across replicates."""
+    plan = {"a": _child(setting.replicate, "data_a", setting.spawn_epoch)}
     if "spawn" in setting.pairs:
-        plan["spawn"] = (s["init_a"], s["data_spawn"], spawn)
+        plan["spawn"] = _child(setting.replicate, "data_spawn", setting.spawn_epoch)
     if set(setting.pairs) - {"spawn"}:
-        plan["independent"] = (s["init_b"], s["data_b"], None)
+        if "spawn" in setting.pairs and setting.replicates > 1:
+            plan["independent"] = _child((setting.replicate + 1) % setting.replicates, "data_spawn", setting.spawn_epoch)
+        else:
+            s = seeds(setting.replicate)
+            plan["independent"] = (s["init_b"], s["data_b"], None)
     return plan
+
+
+def _child(replicate: int, data: str, spawn_epoch: int) -> tuple:
+    """A child of replicate `replicate`'s spawn parent, continued with that replicate's seed `data`."""
+    s = seeds(replicate)
+    return s["init_a"], s[data], {"spawn_epoch": spawn_epoch, "parent_data_seed": s["parent_data"]}
 
 
 def model_hashes(setting: Setting, device=None) -> dict[str, str]:
@@ -119,7 +131,7 @@ class _Matcher:
 def alignment_data(setting: Setting, device) -> AlignmentData:
     """What the data-driven alignments of a setting learn from: its statistics subset (AM, CM, Sigma-WM) and
     the shuffled epochs of its STE subset, drawn lazily (weight matching reads neither)."""
-    train = dataset_on(setting.recipe.dataset, "train", str(device))
+    train = training_data(setting.recipe, device)
     stats = train.subset(setting.statistics_samples, SUBSET_SEEDS["statistics"])
     return AlignmentData(batches=_Batches(stats, STATS_BATCH),
                          epoch_batches=_EpochBatches(train.subset(setting.ste_subset, SUBSET_SEEDS["ste"]), STE_BATCH))
@@ -146,11 +158,11 @@ class _EpochBatches:
 
 
 def eval_splits(setting: Setting, device=None) -> dict[str, data.Dataset]:
-    """The fixed train and test subsets a setting's curves and metrics are computed on."""
+    """The fixed train and test subsets a setting's curves and metrics are computed on: "train" is drawn from
+    the images the networks were trained on (`train.training_data`), "test" from the test split."""
     device = str(device or default_device())
-    name = setting.recipe.dataset
-    return {"train": dataset_on(name, "train", device).subset(setting.eval_train, SUBSET_SEEDS["eval_train"]),
-            "test": dataset_on(name, "test", device).subset(setting.eval_test, SUBSET_SEEDS["eval_test"])}
+    return {"train": training_data(setting.recipe, device).subset(setting.eval_train, SUBSET_SEEDS["eval_train"]),
+            "test": dataset_on(setting.recipe.dataset, "test", device).subset(setting.eval_test, SUBSET_SEEDS["eval_test"])}
 
 
 def calibration(setting: Setting, device=None) -> list:
@@ -158,8 +170,7 @@ def calibration(setting: Setting, device=None) -> list:
     from ..interpolate import calibration_batches
 
     device = device or default_device()
-    ds = dataset_on(setting.recipe.dataset, "train", str(device)).subset(setting.calibration_samples,
-                                                                           SUBSET_SEEDS["calibration"])
+    ds = training_data(setting.recipe, device).subset(setting.calibration_samples, SUBSET_SEEDS["calibration"])
     return calibration_batches(ds, device, STATS_BATCH)
 
 

@@ -102,6 +102,10 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
             # shared with another table counts where it ran first)
             minutes = manifest.setdefault("minutes", {}).setdefault(name, {})
             minutes[table] = round(seconds[name] / 60, 2)
+            # which code on which machine made these rows: a book computed in parts says so per part
+            made = manifest.setdefault("made_by", {}).setdefault(name, {})
+            made[table] = {"commit": git_commit(), "device": device_label(), "minutes": minutes[table],
+                           "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             manifest.setdefault("settings", {})[name] = record["setting"]
             manifest.setdefault("data", {}).update(record["data"])
             manifest.setdefault("seeds", {}).update(record["seeds"])

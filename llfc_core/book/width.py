@@ -30,7 +30,7 @@ from .pairs import STATS_BATCH, SUBSET_SEEDS
 from ..permutation import apply_permutation
 from ..recipes import Recipe
 from ..runtime import default_device, training_precision
-from ..train import dataset_on, get_or_train, new_state
+from ..train import dataset_on, get_or_train, new_state, training_data
 
 METHODS = ("naive", "wm", "swm", "am")  # of `matching.ALIGNMENTS`; swm: Ferbach et al.'s covariance-weighted WM
 MATCHED = ("wm", "swm", "am")
@@ -163,7 +163,7 @@ def measure_cell(cell: dict) -> dict[str, pd.DataFrame]:
     (init_a, data_a), (init_b, data_b) = cell["seeds"]["a"], cell["seeds"]["b"]
     a, _ = get_or_train(recipe, init_a, data_a, device=device)
     b, _ = get_or_train(recipe, init_b, data_b, device=device)
-    train = dataset_on(recipe.dataset, "train", str(device))
+    train = training_data(recipe, device)
     splits = {"train": train.subset(cell["eval_train"], SUBSET_SEEDS["eval_train"]),
               "test": dataset_on(recipe.dataset, "test", str(device)).subset(cell["eval_test"], SUBSET_SEEDS["eval_test"])}
     stats = list(data.batches(train.subset(cell["statistics"], SUBSET_SEEDS["statistics"]), STATS_BATCH))
