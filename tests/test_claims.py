@@ -426,7 +426,7 @@ def llfc_sweep(ratio_slope=-0.3, baseline_slope=0.0, naive_ratio=None, widths=(1
                 layers += [{**cell, "layer": "relu1", "cos_dist": ratio * base / 2, "cos_dist_baseline": base},
                            {**cell, "layer": "logits", "cos_dist": ratio * base, "cos_dist_baseline": base}]
     lmc, layers = pd.DataFrame(lmc), pd.DataFrame(layers)
-    dims = pd.DataFrame(columns=["setting", "model", "stage", "layer", "pr_plain"])
+    dims = pd.DataFrame(columns=["setting", "model", "stage", "layer", "twonn"])
     return lmc, layers, dims
 
 

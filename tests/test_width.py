@@ -173,7 +173,7 @@ def test_measure_cell_rows(cache_dir):
     cell = _tiny_sweep().cells()[0]
     out = measure_cell(cell)
     lmc = out["lmc"]
-    assert set(lmc.method) == {"naive", "wm", "swm", "am"} and set(lmc.split) == {"train", "test"}
+    assert set(lmc.method) == {"naive", "wm", "iwm", "swm", "am"} and set(lmc.split) == {"train", "test"}
     assert lmc[["hidden_layers", "width", "lr", "replicate"]].iloc[0].tolist() == [1, 8, 0.1, 0]
     assert out["layers"].depth.tolist()[:2] == [1, 2]  # the layer's own depth (relu1, logits), not the grid's
     # the endpoints do not depend on how B is permuted
@@ -192,9 +192,15 @@ def test_measure_cell_rows(cache_dir):
     total = {method: sum(cost.loc[(method, l), "dist_plain"] ** 2 * norm2[l] for l in norm2) for method in ("naive", "wm")}
     assert total["wm"] < 0.9 * total["naive"], total
     assert cost.loc["wm"].dist_plain.mean() < cost.loc["naive"].dist_plain.mean()  # 1.23 vs 1.39
+    # W2 per hidden op (none for the head's fixed rows); IWM's first layer is the exact W2 of the two clouds,
+    # so no permutation (naive's identity, WM's) has a lower one
+    assert cost.loc[("iwm", "head"), "w2_sq"] != cost.loc[("iwm", "head"), "w2_sq"]  # NaN
+    assert cost.loc[("iwm", "fc1"), "w2_sq"] <= min(cost.loc[(m, "fc1"), "w2_sq"] for m in ("naive", "wm")) + 1e-12
     dims = out["dims"]
-    assert set(zip(dims.model, dims.stage)) == {("a", "init"), ("a", "trained"), ("b", "init"), ("b", "trained")}
-    assert ((dims.pr_plain >= 1 - 1e-9) & (dims.pr_plain <= dims[["neurons", "fan_in"]].min(axis=1) + 1e-9)).all()
+    assert set(zip(dims.model, dims.stage)) == {("a", "init"), ("a", "trained")} and set(dims.layer) == {"fc1"}
+    # a centred cloud of m points spans at most m - 1 directions (and at most fan_in + 1)
+    assert ((dims.pr_centred >= 1 - 1e-9) & (dims.pr_centred <= dims.neurons - 1 + 1e-9)).all()
+    assert (dims.twonn > 0).all() and (dims.twonn_sigma > 0).all()
 
 
 # ------------------------------------------------------------------------------------ the claims
@@ -216,7 +222,7 @@ def _width_frames(matched_slope: float, naive_barrier: float, swm_factor: float,
                         layers.append({**cell, "method": method, "layer": "relu1",
                                        "cos_dist": 0.5 + llfc_sign * b, "cos_dist_baseline": 1.0})
                     dims.append({**cell, "model": "a", "stage": "trained", "layer": "fc1",
-                                 "pr_plain": 10 + dim_sign * i, "pr_sigma": 3.0})
+                                 "twonn": 10 + dim_sign * i, "twonn_sigma": 3.0})
     return pd.DataFrame(lmc), pd.DataFrame(layers), pd.DataFrame(dims)
 
 

@@ -561,7 +561,7 @@ def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, pr
     `width.llfc_follows_lmc`, per width sweep and matched method (no naive rows): Spearman, across widths, of
     the worst layer's cos_dist / cos_dist_baseline (`width.llfc_along_width`: the largest ratio over the feature
     layers of each cell, then the mean over replicates) with the mean test error barrier."""
-    from .width import MATCHED, SWEPT, dimension_and_barrier, fit_slopes, llfc_along_width
+    from .width import DIMENSION, MATCHED, SWEPT, dimension_and_barrier, fit_slopes, llfc_along_width
 
     rows = []
     test = lmc[lmc.split == "test"]
@@ -584,7 +584,7 @@ def width_claims(lmc: pd.DataFrame, layers: pd.DataFrame, dims: pd.DataFrame, pr
                              f"mean test loss barrier Sigma-WM {means['swm']:.3f} vs WM {means['wm']:.3f}"))
         if g.lr.nunique() >= SWEPT and (g.method == "wm").any():
             joined = dimension_and_barrier(dims[dims.setting == setting], g)
-            rho = _spearman(joined.pr_plain, joined.loss_barrier)
+            rho = _spearman(joined[DIMENSION], joined.loss_barrier)
             rows.append(_row("width.dimension_barrier", setting, "wm", rho, corr, rho >= corr,
                              f"Spearman(dimension of A's hidden clouds, WM test loss barrier) = {rho:+.2f} "
                              f"over {len(joined)} cells"))
