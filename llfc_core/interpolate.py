@@ -55,14 +55,19 @@ def calibration_batches(ds: data.Dataset, device, batch_size: int = 500):
 @exact_matmul()
 @torch.no_grad()
 def reset_bn(model: nn.Module, batches) -> nn.Module:
-    """Recompute every BatchNorm's running mean/var as the plain average over `batches` (in place)."""
+    """Recompute every BatchNorm's running mean/var as the plain average over `batches` (in place).
+
+    Batch k (from 0) is blended in with momentum 1 / (k + 1): the cumulative average, and exactly what
+    torch's `momentum=None` computes, which reads the batch counter back from the device (a host sync
+    per BatchNorm per batch on a GPU); the counter here is a Python int."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average: the order of batches does not matter
     model.train()
-    for x, _ in batches:
+    for k, (x, _) in enumerate(batches):
+        for m in bns:
+            m.momentum = 1.0 / (k + 1)
         model(x)
     for m, mom in zip(bns, saved):
         m.momentum = mom

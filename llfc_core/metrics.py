@@ -25,6 +25,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -33,17 +34,19 @@ from torch import nn
 from .interpolate import corrected_interpolation
 from .permutation import check_same_architecture
 from .taps import LOGITS, Recorder, apply_linear, check_same_taps, find_taps
-from .runtime import exact_matmul
+from .runtime import exact_matmul, to_host
 
 # Log-spaced bins for per-sample 1 - cos in [1e-10, 2] (below goes to a bin starting at 0): neighbouring
 # edges differ by 5 %, and a quantile is reported as its bin's geometric centre (within 2.5 %).
 _HIST_EDGES = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-10, math.log10(2.0), 480, dtype=torch.float64)])
+_HIST_CENTRES = (_HIST_EDGES[:-1] * _HIST_EDGES[1:]).sqrt().numpy()  # bin i's geometric centre, on the host
 
 
 # ------------------------------------------------------------------------------------------ accumulator
 class PairAccumulator:
     """Sums over samples for a pair of tensors (x, y) with a leading sample axis. The sums stay on the
-    tensors' device in float64 (no host synchronisation per batch) until `summary()`."""
+    tensors' device in float64 (no host synchronisation per batch) until they are read: `fetch` reads
+    many accumulators in one transfer at the end of a pass; `summary()` reads its own if not yet read."""
 
     _SUMS = ("xx", "yy", "xy", "dd", "cos_dist", "cos_dist_sq", "dist", "n", "n_zero")
 
@@ -51,6 +54,7 @@ class PairAccumulator:
         self.sums = None
         self.hist = None
         self.edges = None  # the histogram edges on the data's device, copied once
+        self.host = None   # (sums, histogram) as host arrays, once read; `add` discards them
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor, diff: torch.Tensor | None = None) -> None:
@@ -76,19 +80,34 @@ class PairAccumulator:
             0, idx, torch.ones_like(cos_dist))
         self.sums = batch if self.sums is None else self.sums + batch
         self.hist = counts if self.hist is None else self.hist + counts
+        self.host = None
+
+    @staticmethod
+    def fetch(accumulators, extra=()) -> list[np.ndarray]:
+        """Read the sums of many accumulators, and the `extra` tensors (returned as arrays), to the host in
+        one transfer: one synchronisation per pass, not one per layer and alpha."""
+        unread = [a for a in accumulators if a.sums is not None and a.host is None]
+        arrays = to_host([t for a in unread for t in (a.sums, a.hist)] + list(extra))
+        for i, a in enumerate(unread):
+            a.host = (arrays[2 * i], arrays[2 * i + 1])
+        return arrays[2 * len(unread):]
+
+    def _read(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.host is None:
+            self.fetch([self])
+        return self.host
 
     def totals(self) -> dict[str, float]:
-        """The sums as plain numbers (one host transfer)."""
-        return dict(zip(self._SUMS, self.sums.tolist())) if self.sums is not None else dict.fromkeys(self._SUMS, 0.0)
+        """The sums as plain numbers."""
+        return dict(zip(self._SUMS, self._read()[0].tolist())) if self.sums is not None else dict.fromkeys(self._SUMS, 0.0)
 
     def quantile(self, q: float) -> float:
         if self.hist is None:
             return float("nan")
-        cdf = torch.cumsum(self.hist.cpu(), 0) / max(self.totals()["n"], 1)
-        i = min(int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))), len(_HIST_EDGES) - 2)
-        if i == 0:
-            return 0.0
-        return float((_HIST_EDGES[i] * _HIST_EDGES[i + 1]).sqrt())
+        # the counts are integers, so the cumulative sum is exact in any order
+        cdf = np.cumsum(self._read()[1]) / max(self.totals()["n"], 1)
+        i = min(int(np.searchsorted(cdf, q)), len(_HIST_EDGES) - 2)
+        return 0.0 if i == 0 else float(_HIST_CENTRES[i])
 
     def summary(self, prefix: str = "") -> dict[str, float]:
         """cos_dist (mean 1-cos), its std and quantiles, frob_cos_dist, scale (<x,y>/||x||^2), dist, dist_sample."""
@@ -105,10 +124,15 @@ class PairAccumulator:
                 f"{prefix}dist_sample": t["dist"] / max(t["n"] - t["n_zero"], 1)}
 
 
+def dist_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||x - y||^2 / (||x|| ||y||) over whole tensors, as a float64 tensor on their device."""
+    x, y = x.double(), y.double()
+    return ((x - y) ** 2).sum() / (x.norm() * y.norm())
+
+
 def dist(x: torch.Tensor, y: torch.Tensor) -> float:
     """||x - y||^2 / (||x|| ||y||) over whole tensors (float64)."""
-    x, y = x.double(), y.double()
-    return float(((x - y) ** 2).sum() / (x.norm() * y.norm()))
+    return float(dist_tensor(x, y))
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -146,7 +170,15 @@ class _LayerSums:
                              "scale_c": s["scale"], "thm1_dist": s["dist"]})
         return pd.DataFrame(rows)
 
-    def conditions_frame(self, mods_a: dict, mods_b: dict) -> pd.DataFrame:
+    def read(self, mods_a: dict, mods_b: dict) -> dict[str, float]:
+        """Bring every sum to the host in one transfer; returns dist_w per linear op (read with them)."""
+        accumulators = [*self.llfc.values(), *self.base.values(), *self.sigma.values(), *self.com.values(),
+                        *self.hdist.values()]
+        dist_w = PairAccumulator.fetch(accumulators, [dist_tensor(mods_a[l].weight, mods_b[l].weight)
+                                                      for l in self.linears])
+        return {l: float(d) for l, d in zip(self.linears, dist_w)}
+
+    def conditions_frame(self, dist_w: dict[str, float]) -> pd.DataFrame:
         rows = []
         for a in self.alphas:
             for l in self.relus:
@@ -157,7 +189,7 @@ class _LayerSums:
                 c, h = self.com[l].summary(), self.hdist[l].summary()
                 rows.append({"layer": l, "kind": "linear", "depth": self.depth[l], "alpha": a,
                              "dist_com": c["dist"], "dist_com_sample": c["dist_sample"],
-                             "dist_w": dist(mods_a[l].weight, mods_b[l].weight),
+                             "dist_w": dist_w[l],
                              "dist_h": h["dist"], "dist_h_sample": h["dist_sample"]})
         return pd.DataFrame(rows)
 
@@ -206,7 +238,8 @@ def layer_metrics(model_a: nn.Module, model_b: nn.Module, batches, *, alphas=(0.
                 _interpolated_features(interpolated[a], x, relus, fa, fb, a, sums.llfc)
     finally:
         rec_a.remove(), rec_b.remove()
-    return {"llfc": sums.llfc_frame(), "conditions": sums.conditions_frame(mods_a, mods_b)}
+    dist_w = sums.read(mods_a, mods_b)
+    return {"llfc": sums.llfc_frame(), "conditions": sums.conditions_frame(dist_w)}
 
 
 def layer_summary(llfc: pd.DataFrame, conditions: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpolate import corrected_interpolation
-from .runtime import cross_products
+from .runtime import cross_products, to_host
 from .taps import LINEAR_OPS, LOGITS, Recorder, Replace, find_taps
 
 
@@ -20,7 +20,7 @@ def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.Data
     """Feed A's layer-l feature into B's remaining layers (B's own output at l is replaced), per ReLU l."""
     batches = list(batches)
     taps = find_taps(model_a, batches[0][0])
-    wrong = {l: 0 for l in taps["relus"]}
+    wrong = {l: 0 for l in taps["relus"]}  # counts stay on the device until the end (no host read per batch)
     total = 0
     modules_b = dict(model_b.named_modules())
     rec_a = Recorder(model_a.eval(), taps["relus"], [])
@@ -31,12 +31,14 @@ def stitching_errors(model_a: nn.Module, model_b: nn.Module, batches) -> pd.Data
             for l in taps["relus"]:
                 h = modules_b[l].register_forward_hook(Replace(rec_a.post[l]))
                 try:
-                    wrong[l] += int((model_b.eval()(x).argmax(1) != y).sum())
+                    wrong[l] = wrong[l] + (model_b.eval()(x).argmax(1) != y).sum()
                 finally:
                     h.remove()
     finally:
         rec_a.remove()
-    return pd.DataFrame([{"layer": l, "depth": taps["depth"][l], "stitch_error": wrong[l] / total} for l in taps["relus"]])
+    counts = to_host(torch.as_tensor(wrong[l]) for l in taps["relus"])
+    return pd.DataFrame([{"layer": l, "depth": taps["depth"][l], "stitch_error": int(c) / total}
+                         for l, c in zip(taps["relus"], counts)])
 
 
 @torch.no_grad()
@@ -57,7 +59,7 @@ def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas
     nets = {a: corrected_interpolation(model_a, model_b, a, correction, calibration).eval() for a in every}
     modules = {a: dict(net.named_modules()) for a, net in nets.items()}
     rows = {a: (["weights", LOGITS] if a in alphas else []) + (relus if a in layer_alphas else []) for a in every}
-    sums = {(a, r): torch.zeros(3, dtype=torch.float64) for a in every for r in rows[a]}  # loss, wrong, agree
+    sums = {(a, r): 0.0 for a in every for r in rows[a]}  # (loss, wrong, agree) on the device until the end
     total = 0
     rec_a, rec_b = Recorder(model_a.eval(), relus, []), Recorder(model_b.eval(), relus, [])
     try:
@@ -73,14 +75,15 @@ def feature_averaging(model_a: nn.Module, model_b: nn.Module, batches, *, alphas
                 for r in rows[a]:
                     out = outputs[r]
                     pred = out.argmax(1)
-                    sums[(a, r)] += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double().cpu(),
-                                                 (pred != y).sum().double().cpu(), (pred == target).sum().double().cpu()])
+                    sums[(a, r)] = sums[(a, r)] + torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                                                               (pred != y).sum().double(), (pred == target).sum().double()])
     finally:
         rec_a.remove(), rec_b.remove()
     depth = {"weights": 0, **taps["depth"]}
+    read = to_host(sums.values())
     return pd.DataFrame([{"alpha": a, "layer": r, "depth": depth[r], "loss": float(v[0]) / total,
                           "error": float(v[1]) / total, "agreement": float(v[2]) / total}
-                         for (a, r), v in sums.items()])
+                         for (a, r), v in zip(sums, read)])
 
 
 def _averaged_at(net: nn.Module, module: nn.Module | None, x, alpha: float, feat_a, feat_b) -> torch.Tensor:
@@ -116,21 +119,22 @@ def principal_angles(model_a: nn.Module, model_b: nn.Module, batches, k: int = 1
                     gram[(t, l)] = gram[(t, l)] + cross_products(rows, rows)
     finally:
         rec_a.remove(), rec_b.remove()
-    out = []
+    per_layer = []  # (angles, energy share) per layer, on the device: read in one transfer below
     for l in relus:
         (ev_a, u_a), (ev_b, u_b) = (torch.linalg.eigh(gram[(t, l)]) for t in "ab")
         kk = min(k, u_a.shape[0])
-        angles = _subspace_angles(u_a[:, -kk:], u_b[:, -kk:])  # eigh sorts ascending
         sv_a = ev_a.flip(0).clamp_min(0).sqrt()
-        out.append({"layer": l, "depth": taps["depth"][l], "k": kk, "mean_angle": float(np.mean(angles)),
-                    "max_angle": float(np.max(angles)),
-                    "energy_top_k_a": float((sv_a[:kk] ** 2).sum() / (sv_a ** 2).sum().clamp_min(1e-300))})
-    return pd.DataFrame(out)
+        per_layer += [_subspace_angles(u_a[:, -kk:], u_b[:, -kk:]),  # eigh sorts ascending
+                      (sv_a[:kk] ** 2).sum() / (sv_a ** 2).sum().clamp_min(1e-300)]
+    read = to_host(per_layer)
+    return pd.DataFrame([{"layer": l, "depth": taps["depth"][l], "k": len(angles), "mean_angle": float(np.mean(angles)),
+                          "max_angle": float(np.max(angles)), "energy_top_k_a": float(energy)}
+                         for l, angles, energy in zip(relus, read[0::2], read[1::2])])
 
 
-def _subspace_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> np.ndarray:
+def _subspace_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     """Principal angles (degrees) between the column spaces of two orthonormal bases."""
-    return torch.rad2deg(torch.arccos(torch.linalg.svdvals(u_a.T @ u_b).clamp(-1, 1))).cpu().numpy()
+    return torch.rad2deg(torch.arccos(torch.linalg.svdvals(u_a.T @ u_b).clamp(-1, 1)))
 
 
 @torch.no_grad()
@@ -145,7 +149,7 @@ def weight_principal_angles(model_a: nn.Module, model_b: nn.Module, k: int = 10)
             wa, wb = (w.weight.detach().flatten(1).double().cpu() for w in (m, mods_b[name]))
             kk = min(k, *wa.shape)
             u_a, u_b = torch.linalg.svd(wa, full_matrices=False)[0], torch.linalg.svd(wb, full_matrices=False)[0]
-            angles = _subspace_angles(u_a[:, :kk], u_b[:, :kk])
+            angles = _subspace_angles(u_a[:, :kk], u_b[:, :kk]).numpy()  # the weights were copied to the host
             rows.append({"layer": name, "k": kk, "mean_angle": float(np.mean(angles)), "max_angle": float(np.max(angles))})
     return pd.DataFrame(rows)
 

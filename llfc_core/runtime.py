@@ -8,14 +8,20 @@ Training precision is one policy on every device (`training_precision`): bf16 au
 hardware computes in bf16 natively (CUDA compute capability >= 8.0; a CPU with AVX-512 BF16 or AMX),
 fp16 autocast with a gradient scaler on older GPUs (a T4 is 7.5), fp32 elsewhere; $LLFC_PRECISION
 overrides it. Master weights, optimizer state and evaluation stay fp32 in every case.
+
+Batch sizes from device memory (`fit_batch`): on a GPU a batch that does not fit its free memory runs as
+micro-batches (training: gradients accumulated into one step), or a run that cannot fit even one sample
+is refused before it starts. On the CPU nothing is measured and the batch is the one asked for.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -162,3 +168,114 @@ def cross_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         with exact_matmul():  # fp32, not TF32
             return (a.float().T @ b.float()).double()
     return a.double().T @ b.double()
+
+
+def to_host(tensors) -> list[np.ndarray]:
+    """Device tensors as host arrays in one transfer: one synchronisation at the end of a pass instead of one
+    per layer, alpha or batch. Values travel as float64, exact for float32, float64 and integers below 2^53."""
+    tensors = list(tensors)
+    if not tensors:
+        return []
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors]).cpu().numpy()
+    ends = np.cumsum([t.numel() for t in tensors])[:-1]
+    return [part.reshape(tuple(t.shape)) for part, t in zip(np.split(flat, ends), tensors)]
+
+
+# ------------------------------------------------------------------------------------------ device memory
+class DeviceMemoryError(RuntimeError):
+    """A run does not fit in the device's free memory as it has to run (even one sample at a time, or for a
+    BatchNorm network its whole batch at once); raised before the run starts."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A batch of `batch_size` samples run as forward passes of at most `micro_batch` samples; in training
+    their gradients are accumulated into one optimiser step (`accumulation` passes; 1: the batch as is)."""
+    batch_size: int
+    micro_batch: int
+
+    @property
+    def accumulation(self) -> int:
+        return -(-self.batch_size // self.micro_batch)
+
+
+# What the measured activations (`sample_memory`) are multiplied by. The count sees the tensors kept for the
+# backward pass, or every layer's output in evaluation; it misses what lives beside them at the peak: the
+# activation gradients of the backward pass (about one more copy of the largest layers), the caching
+# allocator's block rounding and fragmentation, convolution workspaces, and in evaluation the temporaries of
+# the measuring code (float64 copies of one layer at a time). Twice the count covers these.
+MEMORY_SAFETY = 2.0
+
+
+def free_memory(device) -> int | None:
+    """Bytes free on `device` (`torch.cuda.mem_get_info`), or None where it cannot be asked (the CPU)."""
+    device = torch.device(device)
+    return int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
+
+
+def sample_memory(model: torch.nn.Module, sample_shape, *, training: bool, samples: int = 2) -> float:
+    """Bytes of activations one sample costs, measured with `samples` random samples on the CPU (the model
+    runs on zero-filled CPU copies of its parameters, so a GPU model is neither copied nor changed). Training:
+    every tensor autograd keeps for the backward pass, loss included; evaluation: every module's output,
+    all held at once (as a pass that keeps every layer's features does). Distinct storages only, parameters
+    and buffers not counted. Counted in fp32: under autocast most activations are 16-bit, so an upper bound."""
+    params = {k: torch.zeros_like(v, device="cpu", requires_grad=training) for k, v in model.named_parameters()}
+    state = {**params, **{k: torch.zeros_like(v, device="cpu") for k, v in model.named_buffers()}}
+    weights = {v.untyped_storage().data_ptr() for v in state.values()}
+    held: dict[int, int] = {}
+    kept = []  # references: no storage is freed (and its address reused) before the count ends
+
+    def note(t) -> None:
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in weights:
+            kept.append(t)
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def pack(t):
+        note(t)
+        return t
+
+    from torch.func import functional_call
+
+    was_training = model.training
+    handles = [] if training else [m.register_forward_hook(lambda m, i, out: note(out)) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]):  # the samples and dropout draw from the global RNG: restore it
+            x, y = torch.randn(samples, *sample_shape), torch.zeros(samples, dtype=torch.long)
+            model.train(training)
+            if training:
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    torch.nn.functional.cross_entropy(functional_call(model, state, (x,)).float(), y)
+            else:
+                with torch.no_grad():
+                    functional_call(model, state, (x,))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sum(held.values()) / samples
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB ({int(n):,} bytes)"
+
+
+def fit_batch(model: torch.nn.Module, sample_shape, batch_size: int, device, *, training: bool = True,
+              fixed_bytes: int = 0, models: int = 1, what: str = "this run") -> BatchPlan:
+    """How a batch of `batch_size` samples fits in `device`'s free memory: the batch as is when it fits,
+    else passes of the largest equal size that does (`micro_batch`; training accumulates their gradients).
+    Needed: `fixed_bytes` (what the run allocates besides activations: gradients, optimizer state) plus
+    MEMORY_SAFETY x `models` (networks whose activations are held at once) x `sample_memory` per sample.
+    Raises DeviceMemoryError, naming `what`, the memory needed and the memory free, when even one sample
+    does not fit. Where free memory cannot be asked (the CPU) nothing is measured: the batch as is."""
+    free = free_memory(device)
+    if free is None:
+        return BatchPlan(batch_size, batch_size)
+    per_sample = MEMORY_SAFETY * models * sample_memory(model, sample_shape, training=training)
+    fits = int((free - fixed_bytes) // per_sample) if per_sample > 0 else batch_size
+    if fits < 1:
+        raise DeviceMemoryError(
+            f"{what} does not fit on {device} even one sample at a time: it needs {_bytes(fixed_bytes + per_sample)} "
+            f"({_bytes(fixed_bytes)} fixed + {_bytes(per_sample)} per sample, {MEMORY_SAFETY:g} x the measured "
+            f"activations), but {_bytes(free)} is free. Free memory on the device or use a larger one.")
+    passes = -(-batch_size // min(fits, batch_size))
+    return BatchPlan(batch_size, -(-batch_size // passes))  # equal passes: 500 in 260s is 2 x 250

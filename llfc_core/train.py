@@ -11,6 +11,12 @@
   optimizer state stay fp32. On the CPU the fp32 path is exactly the code this module always ran (NCHW,
   no autocast, foreach optimizer), so fp32 CPU weights are bit-identical to earlier versions'.
   Evaluation is always fp32.
+* Memory: on a GPU, a batch whose activations do not fit the free memory runs as equal micro-batches whose
+  gradients are accumulated into one step (`batch_plan`): the optimiser sees the recipe's batch and, up to
+  float summation order, its gradient. How many depends on the memory free when the run starts, so two GPU
+  runs of one model may differ in the last bits. BatchNorm networks are refused instead (their batch
+  statistics would be a micro-batch's), and so is any run that cannot fit one sample. The CPU runs the
+  recipe's batch as is.
 * `get_or_train` is the cached entry point: a model is keyed by (recipe, seeds, spawn point, precision,
   device class, code version); an existing entry is loaded, a missing one trained. A spawned child
   continues from its parent's saved epoch-k state (optimizer included): the shared prefix is trained once.
@@ -35,7 +41,8 @@ import torch.nn.functional as F
 from . import cache, data
 from .models import build_model
 from .recipes import Recipe
-from .runtime import PRECISIONS, default_device, exact_matmul, progress, training_precision
+from .runtime import (PRECISIONS, BatchPlan, DeviceMemoryError, default_device, exact_matmul, fit_batch, progress,
+                      training_precision)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,14 +74,19 @@ def training_data(recipe: Recipe, device) -> data.Dataset:
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module, precision: str = "fp32") -> torch.optim.Optimizer:
-    """SGD or AdamW. Under autocast (bf16, fp16) the fused implementation: one kernel per step instead of
-    ~10 passes over the parameters (a sixth of an MLP step on the CPU), and with a GradScaler no host sync
-    per step. fp32 keeps the default (foreach) implementation its committed models were trained with."""
+    """SGD or AdamW over `model`'s parameters (`optimizer_for`)."""
+    return optimizer_for(recipe, model.parameters(), precision)
+
+
+def optimizer_for(recipe: Recipe, params, precision: str = "fp32") -> torch.optim.Optimizer:
+    """The recipe's SGD or AdamW over `params`. Under autocast (bf16, fp16) the fused implementation: one
+    kernel per step instead of ~10 passes over the parameters (a sixth of an MLP step on the CPU), and with a
+    GradScaler no host sync per step. fp32 keeps the default (foreach) implementation its committed models
+    were trained with."""
     fused = {"fused": True} if precision != "fp32" else {}
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay, **fused)
-    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **fused)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -166,21 +178,53 @@ def uses_channels_last(recipe: Recipe, precision: str, device: torch.device) -> 
 
 
 def training_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str,
-                  channels_last: bool, scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  channels_last: bool, scaler: torch.amp.GradScaler | None = None,
+                  micro_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step under the precision policy (the learning rate is the caller's): forward under
-    autocast, fp32 loss, backward and step, through `scaler` in fp16. Returns (loss, logits)."""
-    with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16), enabled=precision != "fp32"):
-        logits = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
+    autocast, fp32 loss, backward and step, through `scaler` in fp16. Returns (loss, logits).
+
+    With `micro_batch` below the batch size, the batch runs as passes of that many samples whose gradients
+    add up before the one step; each pass's mean loss is weighted by its share of the batch, so the sum is
+    the batch's mean loss and the accumulated gradient the batch's gradient."""
+    optimizer.zero_grad(set_to_none=True)  # first: every pass's backward adds into .grad
+    # one pass (the CPU, and any GPU batch that fits) is exactly the single forward/backward of before
+    parts = list(zip(x.split(micro_batch), y.split(micro_batch))) if micro_batch and micro_batch < len(y) else [(x, y)]
+    losses, outputs = [], []
+    for xs, ys in parts:
+        with torch.autocast(x.device.type, dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16),
+                            enabled=precision != "fp32"):
+            logits = model(xs.contiguous(memory_format=torch.channels_last) if channels_last else xs)
+            loss = F.cross_entropy(logits.float(), ys)
+        if len(parts) > 1:
+            loss = loss * (len(ys) / len(y))
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        losses.append(loss.detach())
+        outputs.append(logits.detach())
     if scaler is None:
-        loss.backward()
         optimizer.step()
     else:  # fp16: scaled gradients; the fused optimizer skips steps with inf/NaN gradients itself
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return loss, logits
+    if len(parts) == 1:
+        return loss, logits
+    return torch.stack(losses).sum(), torch.cat(outputs)
+
+
+def batch_plan(recipe: Recipe, model: torch.nn.Module, sample_shape, device) -> BatchPlan:
+    """How a training batch of `recipe` runs on `device` (`runtime.fit_batch`): on a GPU, micro-batches
+    when the activations of the whole batch do not fit its free memory; on the CPU the batch as is.
+    Besides activations a step allocates the gradients and the optimizer's state (SGD's momentum, AdamW's
+    two moments), one and two more copies of the parameters. Refuses a BatchNorm network that would need
+    micro-batches: its statistics would be those of a micro-batch, not of the recipe's batch."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    what = f"training recipe {recipe.name!r} ({recipe.model}, batch {recipe.batch_size})"
+    plan = fit_batch(model, sample_shape, recipe.batch_size, device, training=True, what=what,
+                     fixed_bytes=params * (2 if recipe.optimizer == "sgd" else 3))
+    if plan.accumulation > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise DeviceMemoryError(f"{what} fits {device}'s free memory only as {plan.accumulation} micro-batches of "
+                                f"{plan.micro_batch}, but its BatchNorm layers would then normalise over micro-batches, "
+                                "not the recipe's batch: lower the batch size or use a device with more memory")
+    return plan
 
 
 def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int | None = None,
@@ -206,6 +250,7 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
     if checkpoint is not None and cache.has_entry(checkpoint):
         state = _resume(state, checkpoint, precision)
     ds = training_data(recipe, device)
+    plan = batch_plan(recipe, state.model, ds.images.shape[1:], device)  # before any step: a refusal costs nothing
     channels_last = uses_channels_last(recipe, precision, device)
     if channels_last:
         state.model = state.model.to(memory_format=torch.channels_last)
@@ -224,7 +269,8 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
                                                     seed=epoch_seed(data_seed, epoch), device=device)):
                 for group in state.optimizer.param_groups:
                     group["lr"] = recipe.lr_at(epoch + i / steps_per_epoch)
-                loss, logits = training_step(step_fn, state.optimizer, x, y, precision, channels_last, scaler)
+                loss, logits = training_step(step_fn, state.optimizer, x, y, precision, channels_last, scaler,
+                                             plan.micro_batch)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 if i % 50 == 0 and not torch.isfinite(loss_sum):  # a sync every 50 steps is cheap
@@ -238,7 +284,8 @@ def train(recipe: Recipe, *, init_seed: int = 0, data_seed: int = 0, until: int 
                                        "lower the learning rate. No checkpoint was kept.")
             state.epoch = epoch + 1
             state.history.append({"epoch": state.epoch, "train_loss": loss_sum.item() / len(ds),
-                                  "train_acc": correct.item() / len(ds)})
+                                  "train_acc": correct.item() / len(ds),
+                                  **({"micro_batch": plan.micro_batch} if plan.accumulation > 1 else {})})
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3f}", acc=f"{state.history[-1]['train_acc']:.3f}")
             if checkpoint is not None:
                 _save_checkpoint(state, checkpoint, precision)

@@ -374,3 +374,112 @@ def test_bf16_training_matches_fp32_accuracy():
               for p in ("fp32", "bf16")}
     print(f"test error: {errors}")
     assert errors["fp32"] < 0.1 and abs(errors["bf16"] - errors["fp32"]) <= 0.015
+
+
+# ----------------------------------------------------------------------- micro-batches (batch sizes from memory)
+TINY_LN = replace(TINY_CONV, name="tiny-resnet-ln", model={"arch": "resnet20", "width": 1, "norm": "ln"})
+
+
+@pytest.mark.parametrize("recipe", [TINY, replace(TINY, optimizer="adam", lr=1e-3), TINY_LN], ids=["sgd", "adam", "conv-ln"])
+def test_accumulated_micro_batches_give_the_full_batch_update(recipe):
+    """Three micro-batches (22 + 22 + 20 of 64), their gradients accumulated, make the update one batch makes:
+    each pass's mean loss is weighted by its share of the batch. Not bit-identical (the gradient is summed in
+    another order), so within fp32 rounding; two steps, so momentum and moments carry the sum too."""
+    recipe = replace(recipe, precision="fp32")
+    x, y = next(data.batches(train.training_data(recipe, "cpu"), 64, shuffle=True, augment=recipe.augment, seed=0))
+
+    def two_steps(micro_batch):
+        state = train.new_state(recipe, 0, "cpu")
+        for _ in range(2):
+            loss, logits = train.training_step(state.model, state.optimizer, x, y, "fp32", False, micro_batch=micro_batch)
+        return state.model.state_dict(), float(loss.detach()), logits
+
+    start = train.new_state(recipe, 0, "cpu").model.state_dict()
+    (full, loss_full, logits_full), (acc, loss_acc, logits_acc) = two_steps(None), two_steps(22)
+    assert all(torch.allclose(acc[k], v, rtol=0, atol=2e-6) for k, v in full.items())
+    assert loss_acc == pytest.approx(loss_full, rel=1e-6) and torch.allclose(logits_acc, logits_full, atol=1e-5)
+    # the tolerance is far below the update itself, so a lost or mis-weighted micro-batch would fail
+    assert max((full[k] - v).abs().max() for k, v in start.items()) > 1e-3
+
+
+def test_training_on_the_cpu_measures_no_memory(monkeypatch):
+    monkeypatch.setattr(runtime, "sample_memory", lambda *a, **k: pytest.fail("measured on the CPU"))
+    state = train.train(TINY, until=1, device="cpu")
+    assert "micro_batch" not in state.history[0]
+
+
+def test_training_runs_micro_batches_when_memory_is_short(monkeypatch):
+    """A GPU with room for 30 samples (free memory mocked; the arithmetic runs on the CPU): TINY's batches of
+    64 run as 3 x 22, recorded in the history, and reach the weights of full batches within fp32 rounding."""
+    recipe = replace(TINY, precision="fp32")
+    model = train.new_state(recipe, 0, "cpu").model
+    fixed = 2 * sum(p.numel() * 4 for p in model.parameters())
+    per_sample = runtime.MEMORY_SAFETY * runtime.sample_memory(model, (1, 28, 28), training=True)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: fixed + int(30 * per_sample))
+    micro = train.train(recipe, init_seed=1, data_seed=2, device="cpu")
+    monkeypatch.undo()
+    full = train.train(recipe, init_seed=1, data_seed=2, device="cpu")
+    assert [h["micro_batch"] for h in micro.history] == [22] * recipe.epochs and "micro_batch" not in full.history[0]
+    assert all(torch.allclose(v, full.model.state_dict()[k], rtol=0, atol=1e-6) for k, v in micro.model.state_dict().items())
+    assert not states_equal(micro.model, full.model)  # another summation order, as expected
+
+
+def test_a_run_that_cannot_fit_is_refused_before_its_first_step(monkeypatch):
+    steps = []
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 100)  # a GPU with 100 bytes free
+    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1))
+    with pytest.raises(runtime.DeviceMemoryError, match=r"training recipe 'tiny-mlp'.*but 0.00 GiB \(100 bytes\) is free"):
+        train.train(TINY, device="cpu")
+    assert steps == []
+
+
+# ------------------------------------------------------------------------------- replicates trained together
+MLP_RECIPES = {"sgd": replace(TINY, precision="fp32"),
+               "adam": replace(TINY, precision="fp32", optimizer="adam", lr=1e-3, schedule="constant"),
+               "sgd-cifar-augmented": replace(TINY, precision="fp32", dataset="cifar10", augment=True,
+                                              model={**TINY.model, "in_features": 3072})}
+
+
+def states_close(m1, m2, atol=1e-6):
+    return all(torch.allclose(v, m2.state_dict()[k], rtol=0, atol=atol) for k, v in m1.state_dict().items())
+
+
+@pytest.mark.parametrize("name", MLP_RECIPES)
+def test_stacked_training_equals_training_one_by_one(name):
+    """Three MLPs trained together (vmap) reach the weights, optimizer state and history each reaches alone.
+    Not bit-identical: vmap runs each layer as one batched matrix product, which sums in another order than a
+    single network's; after 4 epochs the weights differ by ~1e-7 (measured), hence 1e-6."""
+    from llfc_core.stacked import train_stacked
+
+    recipe, seeds = MLP_RECIPES[name], [(0, 0), (1, 5), (2, 7)]
+    together = train_stacked(recipe, seeds, device="cpu")
+    for (init_seed, data_seed), ours in zip(seeds, together):
+        alone = train.train(recipe, init_seed=init_seed, data_seed=data_seed, device="cpu")
+        assert ours.epoch == alone.epoch == recipe.epochs and states_close(ours.model, alone.model)
+        for p, q in zip(ours.model.parameters(), alone.model.parameters()):
+            assert all(torch.allclose(ours.optimizer.state[p][k], v, rtol=0, atol=1e-5)
+                       for k, v in alone.optimizer.state[q].items())
+        assert [h["train_loss"] for h in ours.history] == pytest.approx([h["train_loss"] for h in alone.history], rel=1e-5)
+    assert not states_close(together[0].model, together[1].model)  # the comparison can fail: other seeds
+
+
+def test_a_stacked_state_continues_with_train():
+    """The states come back unstacked (weights, momentum, lr): train.train continues one as if it had trained it."""
+    from llfc_core.stacked import train_stacked
+
+    recipe = MLP_RECIPES["sgd"]
+    halfway = train_stacked(recipe, [(0, 3), (1, 4)], until=2, device="cpu")[1]
+    continued = train.train(recipe, init_seed=1, data_seed=4, state=halfway, device="cpu")
+    assert states_close(continued.model, train.train(recipe, init_seed=1, data_seed=4, device="cpu").model)
+
+
+def test_stacked_training_refuses_what_it_cannot_reproduce():
+    from llfc_core.stacked import train_stacked
+
+    with pytest.raises(ValueError, match="supports MLPs.*is a vgg16"):
+        train_stacked(replace(TINY_CONV, precision="fp32"), [(0, 0)], device="cpu")
+    with pytest.raises(ValueError, match="fp32 only; recipe 'tiny-mlp' resolves to bf16"):
+        train_stacked(replace(TINY, precision="bf16"), [(0, 0)], device="cpu")
+    with pytest.raises(TrainingDiverged, match=r"\(1, 1\)"):
+        train_stacked(replace(TINY, precision="fp32", lr=1e6, schedule="constant"), [(1, 1)], device="cpu")
+    assert len(train_stacked(replace(TINY, precision="fp32", epochs=1), [(0, 0)], device="cpu")) == 1

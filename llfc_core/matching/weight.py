@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..permutation import PermutationSpec, check_same_architecture, identity_perms, permute_param, random_perms
-from ..runtime import progress
+from ..runtime import progress, to_host
 from . import MatchResult, register, solve_assignment
 
 GIT_RE_BASIN = ("Ainsworth, Hayase & Srinivasa, Git Re-Basin: Merging Models modulo Permutation Symmetries, "
@@ -24,8 +24,13 @@ def float_entries(spec: PermutationSpec, state: dict) -> dict:
 
 def weight_matching_objective(spec: PermutationSpec, perms, state_a, state_b) -> float:
     """sum over matched tensors of <W_A, pi(W_B)>; maximising it minimises sum ||W_A - pi(W_B)||^2."""
+    return float(_objective(spec, perms, state_a, state_b))
+
+
+def _objective(spec: PermutationSpec, perms, state_a, state_b) -> torch.Tensor:
+    """`weight_matching_objective` as a float64 tensor on the weights' device (no host read)."""
     a = float_entries(spec, state_a)
-    return float(sum((a[k] * permute_param(spec, perms, state_b, k)).sum(dtype=torch.float64) for k in a))
+    return sum((a[k] * permute_param(spec, perms, state_b, k)).sum(dtype=torch.float64) for k in a)
 
 
 class _CostTerms:
@@ -115,13 +120,14 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
     names = sorted(sizes)
     # The objective is linear in each permutation's cost matrix (when no tensor carries the same
     # permutation on two axes), so each accepted step raises it by exactly new_value - old_value: it is
-    # tracked from those gains, and recomputed from the weights once at the end as a check.
-    objective = weight_matching_objective(spec, perms, a, b)
+    # tracked from those gains, and recomputed from the weights once at the end as a check. The objective,
+    # the acceptance of a step and `improved` stay on the device: the stopping rule reads one flag per sweep.
+    objective = _objective(spec, perms, a, b)
     history = [objective]
     bar = progress(total=max_sweeps, desc="weight matching", leave=False)
     sweep = 0  # max_sweeps=0 returns the starting permutations and their objective
     for sweep in range(1, max_sweeps + 1):
-        improved = False
+        improved = torch.zeros((), dtype=torch.bool, device=device)
         for p in rng.permutation(names):
             inputs = terms.inputs_of(p, perms)
             last = solved_with.get(p)
@@ -133,15 +139,16 @@ def weight_matching(spec: PermutationSpec, state_a: dict, state_b: dict, *, max_
             old_value, new_value = cost[rows, perms[p]].sum(), cost[rows, new].sum()
             solved_with[p] = tuple((q, v.clone()) for q, v in inputs)
             # A relative tolerance keeps float noise from bouncing between equal-cost solutions.
-            if new_value > old_value + 1e-12 * max(1.0, abs(old_value.item())):
-                perms[p], improved = new, True
-                objective += (new_value - old_value).item()
+            better = new_value > old_value + 1e-12 * old_value.abs().clamp_min(1.0)
+            perms[p] = torch.where(better, new, perms[p])
+            objective = objective + torch.where(better, new_value - old_value, 0.0)
+            improved = improved | better
         history.append(objective)
         bar.update(1)
-        if not improved:
+        if not improved.item():
             break
     bar.close()
-    history[-1] = weight_matching_objective(spec, perms, a, b)
+    history = [float(v) for v in to_host(history[:-1])] + [weight_matching_objective(spec, perms, a, b)]
     return MatchResult({p: v.cpu() for p, v in perms.items()}, history, sweep, goal="max")
 
 
