@@ -95,6 +95,24 @@ def random_perms(sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor
     return {p: torch.randperm(n, generator=g) for p, n in sorted(sizes.items())}
 
 
+def perturb_perms(perms: dict[str, torch.Tensor], fraction: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`perms` with, in each permutation, round(fraction * n) of its positions (at least 2 where fraction > 0)
+    chosen at random and their entries cyclically shifted among themselves, so each chosen position maps
+    elsewhere: a permutation at a controlled distance from the given one (chapter 6's scatter)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"perturb_perms: fraction must be in [0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, perm in sorted(perms.items()):
+        n = len(perm)
+        k = min(n, max(2, round(fraction * n))) if fraction > 0 and n > 1 else 0
+        chosen = torch.randperm(n, generator=g)[:k].to(perm.device)
+        shifted = perm.clone()
+        shifted[chosen] = perm[chosen.roll(1)]
+        out[name] = shifted
+    return out
+
+
 def check_perms(spec: PermutationSpec, perms: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     sizes = spec.sizes(state)
     for p, n in sizes.items():

@@ -291,6 +291,32 @@ def spawn_frames(llfc_from=1, lmc_from=1, epochs=(0, 1, 2)):
     return curve, layers
 
 
+def _merge_table(merged: float, ensemble: float = 0.05, unaligned: float = 0.30):
+    rows = [("A", None, 0.05), ("B", None, 0.06), ("ensemble", None, ensemble), ("theta_alpha", True, 0.08),
+            ("feature_merge", True, merged), ("theta_alpha", False, 0.6), ("feature_merge", False, unaligned)]
+    return pd.DataFrame([{"setting": "mnist-mlp", "method": m, "aligned": a, "error": e, "loss": e,
+                          "agreement_with_ensemble": 0.9} for m, a, e in rows]).astype({"aligned": "boolean"})
+
+
+def test_merge_near_the_ensemble_passes_and_fails():
+    (row,) = claims.merge_claims(_merge_table(merged=0.055), "cpu")
+    assert row["passed"] and row["value"] == pytest.approx(0.005) and "unaligned: merge 30.00%" in row["detail"]
+    (row,) = claims.merge_claims(_merge_table(merged=0.075), "cpu")  # 2.5 points above the ensemble
+    assert not row["passed"]
+
+
+def test_scatter_correlations_over_all_and_matched_permutations():
+    perms = ["identity", "wm", "am", "cm", "cm~0.1", "cm~0.4"]
+    objective = [4.0, 2.0, 1.5, 1.0, 2.5, 3.5]
+    barrier = [0.9, 0.3, 0.2, 0.25, 0.5, 0.8]  # CM commutes best, AM has the lowest barrier
+    frame = pd.DataFrame({"setting": "s", "replicate": 0, "permutation": perms, "objective": objective,
+                          "objective_test": objective, "loss_barrier": barrier, "error_barrier": barrier})
+    got = claims.scatter_correlations(frame).set_index(["permutations", "objective"])
+    assert got.loc[("all", "objective"), "n"] == 6 and got.loc[("matched", "objective"), "n"] == 3
+    assert got.loc[("all", "objective"), "spearman, loss_barrier"] == pytest.approx(0.9428571428571428)
+    assert got.loc[("matched", "objective"), "spearman, loss_barrier"] == pytest.approx(0.5)  # wm, am, cm by hand
+
+
 def test_spawn_onset_needs_an_unstable_spawn_point_before_a_stable_one():
     rows = claims.spawn_claims(*spawn_frames(lmc_from=1), "cpu")
     assert verdict(rows, "spawn.onset") and rows[0]["value"] == pytest.approx(0.2) and "onset 1" in rows[0]["detail"]

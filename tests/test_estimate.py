@@ -103,12 +103,14 @@ def test_a_model_too_big_to_time_is_scaled_by_flops_from_a_narrower_one(monkeypa
 
 
 def test_the_spawn_prefix_is_trained_once_and_ste_counts_as_training(fixed_rates):
-    setting = PROFILES["smoke"]["mnist-mlp"]  # spawn, naive, wm, am, ste; spawn epoch 1 of 2
-    recipe = setting.recipe
+    setting = PROFILES["smoke"]["mnist-mlp"]  # spawn, naive, wm, am, ste; spawn epoch 1 of 2; 2 replicates
+    recipe, reps = setting.recipe, setting.replicates
     n, k, epochs = recipe.train_subset, setting.spawn_epoch, recipe.epochs
-    models = (k + 2 * (epochs - k) + epochs) * n / 1000.0  # parent prefix once, A, spawn partner, independent B
-    ste = setting.ste_epochs * setting.ste_subset / 1000.0
-    ste_steps = setting.ste_epochs * -(-setting.ste_subset // 1000)
+    # per replicate: the parent prefix once, A and the spawn partner; the independent B is the next replicate's
+    # spawn partner (pairs.model_plan), trained once
+    models = reps * (k + 2 * (epochs - k)) * n / 1000.0
+    ste = reps * setting.ste_epochs * setting.ste_subset / 1000.0
+    ste_steps = reps * setting.ste_epochs * -(-setting.ste_subset // 1000)
     projection = book_estimate.Estimator("cpu").weight_matching(recipe, book_estimate.STE_WM_SWEEPS)
     minutes = book_estimate.setting_minutes(setting, "cpu")
     assert minutes["train"] == pytest.approx((models + ste + ste_steps * projection) / 60, rel=1e-12)
@@ -117,11 +119,16 @@ def test_the_spawn_prefix_is_trained_once_and_ste_counts_as_training(fixed_rates
 
 
 def test_each_replicate_trains_and_measures_its_own_models(fixed_rates):
-    setting = PROFILES["smoke"]["cifar10-mlp"]
+    setting = replace(PROFILES["smoke"]["cifar10-mlp"], pairs=("naive", "wm", "am"))  # A and B per replicate
     one = book_estimate.setting_minutes(setting, "cpu")
     three = book_estimate.setting_minutes(replace(setting, replicates=3), "cpu")
     assert three["train"] == pytest.approx(3 * one["train"], rel=1e-12)
     assert three["evaluate"] == pytest.approx(3 * one["evaluate"], rel=1e-12)
+    # with a spawn pair, B is the next replicate's spawn partner: R replicates train R networks fewer
+    spawned = replace(setting, pairs=("spawn", "naive", "wm"))
+    one, three = (book_estimate.setting_minutes(replace(spawned, replicates=r), "cpu") for r in (1, 3))
+    b = setting.recipe.epochs * setting.recipe.train_subset / 1000.0 / 60  # one B, at the fixed 1000 samples/s
+    assert three["train"] == pytest.approx(3 * (one["train"] - b), rel=1e-12)
 
 
 def test_work_shared_between_chapters_is_counted_once(fixed_rates):

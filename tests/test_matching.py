@@ -151,3 +151,16 @@ def test_zero_sweeps_returns_the_start():
     assert all(torch.equal(v, torch.arange(len(v))) for v in result.perms.values())
     with pytest.raises(ValueError, match="max_sweeps"):
         weight_matching(spec, a.state_dict(), b.state_dict(), max_sweeps=-1)
+
+
+def test_perturb_perms_moves_the_asked_share_and_stays_a_permutation():
+    from llfc_core.permutation import perturb_perms
+
+    base = {"P_a": torch.randperm(50, generator=torch.Generator().manual_seed(0)), "P_b": torch.arange(3)}
+    moved = perturb_perms(base, 0.2, seed=1)
+    for name, perm in moved.items():
+        assert sorted(perm.tolist()) == list(range(len(perm)))  # still a permutation
+    assert int((moved["P_a"] != base["P_a"]).sum()) == 10 and int((moved["P_b"] != base["P_b"]).sum()) == 2
+    assert all(torch.equal(perturb_perms(base, 0.0)[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="fraction must be in"):
+        perturb_perms(base, 1.5)

@@ -149,3 +149,19 @@ def test_replicates_are_independent_and_replicate_0_is_the_single_run(cache_dir)
     assert not other.loss.equals(both[both.replicate == 0].reset_index(drop=True).loss)  # other seeds, networks
     with pytest.raises(ValueError, match="replicate 2 outside 0..1"):
         two.at_replicate(2)
+
+
+def test_chapter6_cm_study_full_search_and_scatter(cache_dir):
+    """CM's full search ends at or below its descent, which ends at or below the better of WM and AM (on the
+    training subset it minimises); the scatter holds every permutation of the study and its perturbations."""
+    setting = smoke_mlp(pairs=("spawn", "naive", "wm", "am"), replicates=1)["mnist-mlp"]
+    cm = tables.compute_table("cm", setting).set_index("method")
+    assert set(cm.index) == {"identity", "wm", "am", "cm_descent", "cm"}
+    assert cm.objective["cm"] <= cm.objective["cm_descent"] + 1e-12 <= min(cm.objective[["wm", "am"]]) + 2e-12
+    assert cm.objective_test.notna().all() and (cm.objective_test > 0).all()
+    scatter = tables.compute_table("cm_scatter", setting).set_index("permutation")
+    perturbed = [f"{b}~{f:g}" for b in ("cm", "am") for f in tables.SCATTER_FRACTIONS]
+    assert set(scatter.index) == set(cm.index) | set(perturbed)
+    assert scatter.loc["cm", "objective"] == pytest.approx(cm.objective["cm"])  # one set of moments for both
+    assert scatter.loc["cm~0.4", "objective"] > scatter.loc["cm", "objective"]  # moving 40 % of CM's optimum costs
+    assert ((scatter.loss_barrier > -1) & scatter.error_barrier.notna()).all()

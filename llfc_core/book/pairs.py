@@ -20,6 +20,11 @@ SUBSET_SEEDS = {"statistics": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "cal
 STATS_BATCH = 500
 STE_BATCH = 1000  # Git Re-Basin, src/mnist_mlp_ste2.py
 PERMS_VERSION = 1  # bump when a change alters the permutations a method finds (recomputes them, not the models)
+# Options of the book's methods, part of their permutations' keys. CM: the full search (issue #23: the descent
+# stops where activation matching is), from the descent's result without restarts or kicks, whose cost at
+# width 512 (about a minute per 2-opt sweep on one core) the cpu budget does not allow; `tables.cm_tables`
+# records the descent's objective beside it.
+METHOD_OPTIONS = {"cm": {"search": "full", "restarts": 0, "kicks": 0}}
 
 
 @dataclass
@@ -102,6 +107,8 @@ def perms_config(models: SettingModels, method: str) -> dict:
         config["statistics"] = [setting.statistics_samples, SUBSET_SEEDS["statistics"], STATS_BATCH]
     if "epoch_batches" in needs:  # STE: its budget too
         config["ste"] = [setting.ste_epochs, setting.ste_subset, SUBSET_SEEDS["ste"], STE_BATCH]
+    if method in METHOD_OPTIONS:
+        config["options"] = METHOD_OPTIONS[method]
     return config
 
 
@@ -124,7 +131,7 @@ class _Matcher:
     device: object
 
     def __call__(self) -> dict:
-        options = {"epochs": self.setting.ste_epochs} if self.method == "ste" else {}
+        options = {"epochs": self.setting.ste_epochs} if self.method == "ste" else METHOD_OPTIONS.get(self.method, {})
         return align(self.method, self.a, self.b, data=alignment_data(self.setting, self.device), **options).perms
 
 

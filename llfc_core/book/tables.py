@@ -21,13 +21,15 @@ import pandas as pd
 import torch
 
 from .. import cache, data
-from ..interpolate import interpolation_curve
+from ..interpolate import barriers, interpolation_curve
 from ..matching import commutativity_matching, commutativity_moments, commutativity_objective, weight_matching
+from ..merge import merge_comparison
 from ..metrics import layer_metrics, layer_summary
 from ..probes import feature_averaging, principal_angles, stitching_errors, weight_principal_angles, weight_spectra
 from ..taps import find_taps
-from .pairs import SettingModels, alignment_data, build_pairs, calibration, eval_splits, pair_perms, train_models
-from ..permutation import apply_permutation, identity_perms, random_perms
+from .pairs import (METHOD_OPTIONS, STATS_BATCH, SettingModels, alignment_data, build_pairs, calibration, eval_splits,
+                    pair_perms, train_models)
+from ..permutation import apply_permutation, identity_perms, perturb_perms, random_perms
 from .profiles import Setting, seeds, setting_hash
 from ..train import get_or_train
 from ..runtime import default_device
@@ -185,54 +187,133 @@ def spectra_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
 
 # ----------------------------------------------------------------------------- chapter 6 (beyond)
 def _cm_pair(models: SettingModels, device) -> dict:
-    return build_pairs(models, device, names=("cm",))
+    """The CM pair, and the AM pair where the setting's own pairs lack it (the conv nets: chapter 6 compares
+    CM with the better of WM and AM everywhere)."""
+    return build_pairs(models, device, names=("cm",) + (() if "am" in models.setting.pairs else ("am",)))
+
+
+def _cm_correction(setting: Setting) -> str:
+    """The convention chapter 6 compares permutations under (`claims.CM_CORRECTION` where a setting has it)."""
+    return "bn_reset" if "bn_reset" in setting.corrections else setting.corrections[0]
 
 
 def cm_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
-    """'cm': per permutation of the independent B (identity, WM, AM, STE where the setting has them, CM): the
-    commutativity objective CM minimises (`matching.commutativity_objective`, on CM's training subset),
-    and the seconds WM and CM take here (CM's include its statistics pass and its WM and AM starts)."""
+    """'cm': per permutation of the independent B (identity, WM, AM, STE where the setting has it, CM's descent
+    and CM's full search, `pairs.METHOD_OPTIONS`): the commutativity objective CM minimises
+    (`matching.commutativity_objective`) on CM's training subset (`objective`) and on held-out test data
+    (`objective_test`), and the seconds WM and each CM search take here (CM's include its statistics pass).
+    'cm_scatter': the same objective beside the test barriers of theta_alpha for many permutations: those,
+    and CM's and AM's perturbed at growing distances (`permutation.perturb_perms`), the paper's causal story
+    (commutativity buys LMC) made testable."""
     device = device or default_device()
     models = train_models(setting, device)
-    return {"cm": _pair_frame("cm_cost", models, "cm", partial(_cm_costs, setting, models, device)).drop(columns="pair")}
+    costs = _CmStudy(setting, models, device)
+    return {"cm": _pair_frame("cm_cost", models, "cm", costs.table).drop(columns="pair"),
+            "cm_scatter": _pair_frame("cm_scatter", models, "cm", costs.scatter,
+                                      {"fractions": list(SCATTER_FRACTIONS), "correction": _cm_correction(setting)}
+                                      ).drop(columns="pair")}
 
 
-def _cm_costs(setting: Setting, models: SettingModels, device) -> pd.DataFrame:
-    a, b = models.a, models.others["independent"]
-    spec = a.permutation_spec()
-    batches = list(alignment_data(setting, device).batches)
-    start = time.perf_counter()
-    wm = weight_matching(spec, a.state_dict(), b.state_dict())
-    wm_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    moments = commutativity_moments(a, b, spec, batches)  # timed with CM: they are its statistics pass
-    cm = commutativity_matching(a, b, spec, batches, op_moments=moments)
-    cm_seconds = time.perf_counter() - start
-    pair_perms(models, "cm", device, computed=cm.perms)  # the CM pair of the other tables uses these
-    perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms, "cm": cm.perms}
-    for pair in ("am", "ste"):  # AM for every setting (cheap, and CM's other start); STE where it is run
-        if pair == "am" or pair in setting.pairs:
-            perms[pair] = pair_perms(models, pair, device)
-    seconds = {"wm": wm_seconds, "cm": cm_seconds}
-    return pd.DataFrame([{"method": m, "objective": commutativity_objective(moments, p),
-                          "seconds": seconds.get(m, float("nan")), "sweeps": cm.sweeps if m == "cm" else None}
-                         for m, p in perms.items()])
+SCATTER_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.4)  # share of each permutation's positions moved (cm_scatter)
+
+
+@dataclass
+class _CmStudy:
+    """The permutations of chapter 6's CM study, computed once per setting and replicate."""
+    setting: Setting
+    models: SettingModels
+    device: object
+    found: dict = field(default_factory=dict)
+
+    def perms(self) -> dict:
+        if self.found:
+            return self.found
+        a, b = self.models.a, self.models.others["independent"]
+        spec = a.permutation_spec()
+        batches = list(alignment_data(self.setting, self.device).batches)
+        start = time.perf_counter()
+        wm = weight_matching(spec, a.state_dict(), b.state_dict())
+        seconds = {"wm": time.perf_counter() - start}
+        start = time.perf_counter()
+        moments = commutativity_moments(a, b, spec, batches)  # timed with CM: they are its statistics pass
+        descent = commutativity_matching(a, b, spec, batches, op_moments=moments)
+        seconds["cm_descent"] = time.perf_counter() - start
+        start = time.perf_counter()
+        cm = commutativity_matching(a, b, spec, batches, op_moments=moments, **METHOD_OPTIONS["cm"])
+        seconds["cm"] = seconds["cm_descent"] + time.perf_counter() - start  # the full search runs the descent first
+        pair_perms(self.models, "cm", self.device, computed=cm.perms)  # the CM pair of the other tables uses these
+        perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms,
+                 "am": pair_perms(self.models, "am", self.device)}
+        if "ste" in self.setting.pairs:
+            perms["ste"] = pair_perms(self.models, "ste", self.device)
+        perms.update({"cm_descent": descent.perms, "cm": cm.perms})
+        test = list(data.batches(eval_splits(self.setting, self.device)["test"], STATS_BATCH))
+        self.found.update(perms=perms, seconds=seconds, sweeps={"cm_descent": descent.sweeps, "cm": cm.sweeps},
+                          moments={"objective": moments, "objective_test": commutativity_moments(a, b, spec, test)})
+        return self.found
+
+    def objectives(self, perms: dict) -> dict:
+        return {k: commutativity_objective(m, perms) for k, m in self.perms()["moments"].items()}
+
+    def table(self) -> pd.DataFrame:
+        found = self.perms()
+        return pd.DataFrame([{"method": m, **self.objectives(p), "seconds": found["seconds"].get(m, float("nan")),
+                              "sweeps": found["sweeps"].get(m)} for m, p in found["perms"].items()])
+
+    def scatter(self) -> pd.DataFrame:
+        """Per permutation: its objectives and theta_alpha's test barriers (alpha 0.25, 0.5, 0.75 against the
+        endpoints, which do not depend on B's permutation), under `_cm_correction`."""
+        found, setting = self.perms(), self.setting
+        a, b = self.models.a, self.models.others["independent"]
+        spec = a.permutation_spec()
+        candidates = dict(found["perms"])
+        for base in ("cm", "am"):
+            for i, f in enumerate(SCATTER_FRACTIONS):
+                candidates[f"{base}~{f:g}"] = perturb_perms(found["perms"][base], f, seed=i)
+        split = {"test": eval_splits(setting, self.device)["test"]}
+        run = partial(interpolation_curve, splits=split, correction=_cm_correction(setting),
+                      calibration=calibration(setting, self.device))
+        ends = run(a, b, alphas=[0.0, 1.0])
+        rows = []
+        for label, perms in candidates.items():
+            curve = pd.concat([ends, run(a, apply_permutation(b, spec, perms), alphas=[0.25, 0.5, 0.75])])
+            rows.append({"permutation": label, **self.objectives(perms), **barriers(curve).iloc[0].drop("split").to_dict()})
+        return pd.DataFrame(rows).drop(columns="correction", errors="ignore")
 
 
 def cm_lmc_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
-    """'cm_lmc': chapter 1's curves for the CM pair (A, CM(B)), per BatchNorm convention."""
+    """'cm_lmc': chapter 1's curves for the CM pair (A, CM(B)), and the AM pair where the setting lacks it,
+    per BatchNorm convention."""
     device = device or default_device()
     models = train_models(setting, device)
     return {"cm_lmc": _lmc_frames(setting, models, _cm_pair(models, device), device, setting.corrections)}
 
 
 def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
-    """'cm_llfc' and 'cm_conditions': chapters 2 and 3's per-layer frames for the CM pair (the paper's
-    convention only)."""
+    """'cm_llfc' and 'cm_conditions': chapters 2 and 3's per-layer frames for the CM pair (and AM where the
+    setting lacks it), under every convention of the setting (BatchNorm nets: both)."""
     device = device or default_device()
     models = train_models(setting, device)
-    frames = _layer_frames(setting, models, _cm_pair(models, device), device, alphas, setting.corrections[:1])
+    frames = _layer_frames(setting, models, _cm_pair(models, device), device, alphas, setting.corrections)
     return {f"cm_{kind}": frame for kind, frame in frames.items()}
+
+
+def merge_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
+    """'merge': the feature-averaging merge (`merge.merge_comparison`: each linear op fitted by least squares
+    on the merged network's own inputs to the average of A's and aligned B's pre-activations) against
+    theta_0.5, the output ensemble and the endpoints, on test data, with B aligned (by AM, or CM where
+    named) and unaligned; fitted on the setting's statistics subset of its training data."""
+    device = device or default_device()
+    models = train_models(setting, device)
+    a, b = models.a, models.others["independent"]
+    fit = list(alignment_data(setting, device).batches)
+
+    def compute() -> pd.DataFrame:
+        test = data.batches(eval_splits(setting, device)["test"], STATS_BATCH)
+        aligned = apply_permutation(b, a.permutation_spec(), pair_perms(models, "am", device))
+        return merge_comparison(a, aligned, b, fit, test).assign(alignment="am")
+
+    return {"merge": _pair_frame("merge", models, "am", compute).drop(columns="pair")}
 
 
 def averaging_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[str, pd.DataFrame]:
@@ -251,20 +332,27 @@ def averaging_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict
     return {"averaging": pd.concat(frames, ignore_index=True)}
 
 
-# Chapter 6's settings by default: the two MLPs and one conv net, ResNet-20, whose spawn pair is LMC at
-# cpu while weight matching is not (the question for CM); smoke keeps to the MLPs (a minute on a CPU).
-BEYOND_SETTINGS = {"smoke": ["mnist-mlp", "cifar10-mlp"], "cpu": ["mnist-mlp", "cifar10-mlp", "cifar10-resnet20"],
+# Chapter 6's settings by default: the two MLPs and one conv net. At cpu that conv net is VGG-16 1/4, the one
+# computed with the cold run of the cpu book (issue #22); ResNet-20 at paper.
+BEYOND_SETTINGS = {"smoke": ["mnist-mlp", "cifar10-mlp"], "cpu": ["mnist-mlp", "cifar10-mlp", "cifar10-vgg16"],
                    "paper": ["mnist-mlp", "cifar10-mlp", "cifar10-resnet20", "cifar10-resnet20x32-ln"]}
 
 # Spawn times studied per recipe (epochs; 0: the children share only the initialisation). A recipe not
-# listed is not part of the study. The paper's spawn epoch is 5 for VGG-16 / ResNet-20. The conv net is
-# studied at `paper` only: on 2 CPU cores a cpu ResNet-20 child epoch takes about 55 s, so spawning at
-# 0, 1, 2 and 4 would cost about 35 minutes of children alone.
-SPAWN_STUDY = {"smoke-mlp-mnist": (0, 1), "cpu-mlp-mnist": (0, 1, 2, 3),
-               "rebasin-mlp-mnist": (0, 1, 2, 5, 10), "paper-resnet20-bn": (0, 1, 2, 3, 5, 10)}
+# listed is not part of the study. The MLPs are left out beyond smoke: their children spawned at epoch 0 are
+# already LMC and LLFC (the cpu study of MNIST MLPs at epochs 0-3: error barriers 0.09 / 0.04 / 0.02 / 0.01
+# points), so there is no onset to find, and at the paper's recipe each child costs 100 epochs. The conv net
+# is where instability exists (Frankle et al.): VGG-16 1/4 at cpu, spawned at 0 beside the setting's own 5
+# (the paper's ~2,000 steps), on its 15-epoch schedule: the fewest points that can show an onset (each child
+# costs 15 - k epochs, about 12 minutes on one core); the study runs on the first replicate only
+# (`SPAWN_REPLICATES`). The paper profile spawns at six epochs.
+SPAWN_STUDY = {"smoke-mlp-mnist": (0, 1), "cpu-vgg16-bn-w025": (0, 5),
+               "paper-vgg16-bn": (0, 1, 2, 3, 5, 10), "paper-resnet20-bn": (0, 1, 2, 3, 5, 10)}
+SPAWN_REPLICATES = 1
 
 
 def spawn_epochs(setting: Setting) -> tuple:
+    if setting.replicate >= SPAWN_REPLICATES:
+        return ()
     return tuple(e for e in SPAWN_STUDY.get(setting.recipe.name, ()) if e < setting.recipe.epochs)
 
 
@@ -280,7 +368,7 @@ def spawn_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
     """Per spawn epoch of the study: the pair's curves ('spawn_lmc') and, at alpha = 0.5, LLFC and the two
     conditions per layer ('spawn_layers'), under the paper's convention."""
     device = device or default_device()
-    out = {"spawn_lmc": [], "spawn_layers": []}
+    out = {"spawn_lmc": [pd.DataFrame()], "spawn_layers": [pd.DataFrame()]}  # none beyond `SPAWN_REPLICATES`
     paper = setting.corrections[:1]
     for epoch in spawn_epochs(setting):
         (a, b), keys = spawn_models(setting, epoch, device)
@@ -343,10 +431,11 @@ _PRODUCERS = [
     Producer(matching_tables, ("matching",)),
     Producer(appendix_tables, ("stitching", "angles")),
     Producer(spectra_tables, ("spectra",)),
-    Producer(cm_tables, ("cm",)),
+    Producer(cm_tables, ("cm", "cm_scatter")),
     Producer(cm_lmc_tables, ("cm_lmc",)),
     Producer(cm_layer_tables, ("cm_llfc", "cm_conditions")),
     Producer(averaging_tables, ("averaging",)),
+    Producer(merge_tables, ("merge",)),
     Producer(spawn_tables, ("spawn_lmc", "spawn_layers"), depends=_spawn_study, covers=lambda s: bool(spawn_epochs(s))),
     # a sweep's rows are versioned by its cells (`width.CELL_VERSION`, part of every cell and of the sweep's hash)
     Producer(width_tables, tuple(f"width_{kind}" for kind in WIDTH_KINDS), version=CELL_VERSION),
@@ -386,8 +475,8 @@ def table_settings(table: str, settings: dict) -> list[str] | None:
 CHAPTER_TABLES = {"01_lmc": ["lmc"], "02_llfc": ["llfc", "lmc"], "03_conditions": ["conditions", "llfc"],
                   "04_matching": ["matching", "stitching", "angles", "lmc", "spectra"],
                   "05_width": [f"width_{kind}" for kind in WIDTH_KINDS],
-                  "06_beyond": ["cm", "cm_lmc", "cm_llfc", "cm_conditions", "lmc", "llfc", "conditions", "averaging",
-                                "spawn_lmc", "spawn_layers"]}
+                  "06_beyond": ["cm", "cm_scatter", "cm_lmc", "cm_llfc", "cm_conditions", "lmc", "llfc", "conditions",
+                                "averaging", "merge", "spawn_lmc", "spawn_layers"]}
 SWEEP_CHAPTERS = ("05_width",)  # chapters whose rows come from sweeps (`llfc_core.width`), not settings
 # Chapters that default to a subset of a profile's settings: chapter -> profile -> setting names.
 CHAPTER_SETTINGS = {"06_beyond": BEYOND_SETTINGS}
