@@ -153,3 +153,26 @@ def test_profiles_are_overrides_of_one_base():
             for key, value in vars(setting).items():
                 if key not in profiles.OVERRIDES[profile][name]:
                     assert value == getattr(base, key), (profile, name, key)
+
+
+def test_share_copies_only_rows_of_the_same_configuration(tmp_path, monkeypatch):
+    """The cpu profile's MLP settings are the paper's: their rows are copied, never those of another hash."""
+    monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
+    src = tmp_path / "cpu"
+    src.mkdir()
+    for table in ("lmc", "llfc"):
+        pd.DataFrame({"setting": ["mnist-mlp", "cifar10-vgg16"], "replicate": [0, 0], "value": [1.0, 2.0]}).to_csv(
+            src / f"{table}.csv", index=False)
+    made = {"commit": "abc1234", "device": "cpu (test)", "minutes": 3.0, "at": "now"}
+    (src / "manifest.json").write_text(json.dumps({
+        "profile": "cpu", "tables": {"lmc": {"mnist-mlp": "h1"}, "llfc": {"mnist-mlp": "old"}},
+        "settings": {"mnist-mlp": {"hash": "h1"}}, "minutes": {"mnist-mlp": {"lmc": 3.0}},
+        "made_by": {"mnist-mlp": {"lmc": made}}, "data": {"mnist": "copy"}, "seeds": {"init_a": 0}}))
+    assert results.share("cpu", "paper", "mnist-mlp", {"lmc": "h1", "llfc": "new"}) == ["lmc"]
+    copied = pd.read_csv(tmp_path / "paper" / "lmc.csv")
+    assert copied.setting.tolist() == ["mnist-mlp"] and copied.value.tolist() == [1.0]
+    assert not (tmp_path / "paper" / "llfc.csv").exists()  # another configuration: not the same rows
+    manifest = json.loads((tmp_path / "paper" / "manifest.json").read_text())
+    assert manifest["tables"]["lmc"] == {"mnist-mlp": "h1"} and "llfc" not in manifest["tables"]
+    assert manifest["made_by"]["mnist-mlp"]["lmc"] == made and manifest["shared_from"]["mnist-mlp"]["profile"] == "cpu"
+    assert results.share("cpu", "paper", "mnist-mlp", {"lmc": "other"}) == []

@@ -3,6 +3,7 @@
     python -m llfc_core run --profile cpu                    # every table of every chapter
     python -m llfc_core run --profile cpu --settings mnist-mlp,cifar10-mlp --recompute
     python -m llfc_core run --estimate --profile paper   # minutes per setting on this device; computes nothing
+    python -m llfc_core share --source cpu --target paper --settings mnist-mlp,cifar10-mlp  # same hash: copy rows
 
 Tables go to results/<profile>/ with the manifest, as when the chapters compute them; settings whose
 committed rows match their configuration are read, not recomputed (unless --recompute). Afterwards
@@ -44,7 +45,14 @@ def main(argv=None) -> int:
                    help="with --estimate: train in this precision (default: each recipe's, by the device's policy)")
     p.add_argument("--budget", type=float, default=None,
                    help="with --estimate: also say which profile fits this many minutes (book.estimate.choose_profile)")
+    q = sub.add_parser("share", help="copy settings' committed rows to another profile where their configuration "
+                                     "hashes are equal (results.share)")
+    q.add_argument("--source", required=True)
+    q.add_argument("--target", required=True)
+    q.add_argument("--settings", required=True, help="comma-separated setting names")
     args = parser.parse_args(argv)
+    if args.command == "share":
+        return share(parser, args.source, args.target, args.settings)
     chapters = [c.strip() for c in args.chapters.split(",") if c.strip()]
     unknown = sorted(set(chapters) - set(CHAPTER_TABLES))
     if unknown:
@@ -82,6 +90,23 @@ def estimate(profile: str | None, settings: str | None, chapters: list[str], pre
     if budget is not None:
         chosen, reason = choose_profile(default_device(), budget)
         print(f"for a budget of {budget:g} min: {reason}")
+
+
+def share(parser, source: str, target: str, names: str) -> int:
+    """`share`: every table of every chapter, per setting, copied where the target's hash equals the source's."""
+    from . import profiles, results
+    from .tables import TABLES, results_hash
+
+    try:
+        chosen = profiles.get_settings(target, names)
+        profiles.get_settings(source, names)
+    except KeyError as e:
+        parser.error(e.args[0])
+    for name, setting in chosen.items():
+        hashes = {t: results_hash(t, setting) for t in TABLES if not t.startswith("width_")}
+        copied = results.share(source, target, name, hashes)
+        print(f"{name}: {len(copied)} tables copied from {source} to {target}: {', '.join(copied) or 'none'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,42 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
     return frame
 
 
+def share(source: str, target: str, name: str, hashes: dict[str, str]) -> list[str]:
+    """Copy one setting's committed rows from results/<source>/ to results/<target>/ for every table in
+    `hashes` ({table: the target's hash of that setting}) whose source record has exactly that hash: the
+    same computation, so a later run of the target reads them instead of recomputing (issue #22: the cpu
+    profile's MLP settings are the paper's). The target's manifest records what was copied from where,
+    with the source's commit, device and minutes. Returns the tables copied; a table whose hash differs
+    is left alone."""
+    src_manifest, dst_manifest = read_manifest(source), read_manifest(target)
+    copied = []
+    for table, h in hashes.items():
+        if src_manifest.get("tables", {}).get(table, {}).get(name) != h:
+            continue
+        rows = pd.read_csv(results_dir(source) / f"{table}.csv")
+        rows = rows[rows.setting == name]
+        path = results_dir(target) / f"{table}.csv"
+        old = pd.read_csv(path) if path.exists() else None
+        merged = pd.concat([old[old.setting != name], rows], ignore_index=True) if old is not None else rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged.to_csv(path, index=False, float_format="%.6g")
+        dst_manifest.setdefault("tables", {}).setdefault(table, {})[name] = h
+        for key in ("minutes", "made_by"):
+            if table in src_manifest.get(key, {}).get(name, {}):
+                dst_manifest.setdefault(key, {}).setdefault(name, {})[table] = src_manifest[key][name][table]
+        copied.append(table)
+    if copied:
+        dst_manifest["profile"] = target
+        dst_manifest.setdefault("settings", {})[name] = src_manifest["settings"][name]
+        for key in ("data", "seeds"):
+            dst_manifest.setdefault(key, {}).update(src_manifest.get(key, {}))
+        dst_manifest.setdefault("shared_from", {})[name] = {
+            "profile": source, "tables": copied,
+            "note": f"computed by the {source} profile (same configuration hash); see made_by for commit and device"}
+        write_manifest(target, dst_manifest)
+    return copied
+
+
 def record_chapter_time(profile: str, chapter: str, minutes: float) -> None:
     manifest = read_manifest(profile)
     manifest.setdefault("chapters", {})[chapter] = {"minutes": round(minutes, 2), "commit": git_commit(),
