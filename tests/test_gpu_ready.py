@@ -308,3 +308,21 @@ def test_batch_plan_refuses_to_split_batchnorm_batches(monkeypatch):
     _free(monkeypatch, fixed + int(40 * per_sample))
     with pytest.raises(DeviceMemoryError, match="2 micro-batches of 32, but its BatchNorm layers"):
         train.batch_plan(recipe, model, (3, 32, 32), "cuda")
+
+
+def test_the_metric_pass_sizes_its_batches_from_free_memory_and_refuses_before_work(monkeypatch):
+    """The book's layer-metric pass asks `fit_batch` for its test batches (A, B and theta_alpha held at once):
+    with the device's free memory mocked, smaller batches where the setting's do not fit, and a refusal naming
+    the pass where not even one sample does; without a memory query (the CPU) the setting's batch."""
+    from llfc_core.book import profiles, tables
+
+    setting = profiles.get_settings("smoke", ["mnist-mlp"], replicates=1)["mnist-mlp"]
+    model = build_model(MLP)
+    assert len(next(tables._metric_batches(setting, "cpu", model))[1]) == setting.metric_batch  # 250
+    per_sample = runtime.MEMORY_SAFETY * 3 * sample_memory(model, (1, 28, 28), training=False)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(100 * per_sample))
+    sizes = [len(y) for _, y in tables._metric_batches(setting, "cpu", model)]
+    assert max(sizes) <= 100 and sum(sizes) == setting.eval_test  # every test sample, in passes that fit
+    monkeypatch.setattr(runtime, "free_memory", lambda device: int(per_sample / 2))
+    with pytest.raises(DeviceMemoryError, match="mnist-mlp: the layer-metric pass"):
+        tables._metric_batches(setting, "cpu", model)

@@ -32,14 +32,22 @@ from .pairs import (METHOD_OPTIONS, STATS_BATCH, SettingModels, alignment_data, 
 from ..permutation import apply_permutation, identity_perms, perturb_perms, random_perms
 from .profiles import Setting, seeds, setting_hash
 from ..train import get_or_train
-from ..runtime import default_device
+from ..runtime import default_device, fit_batch
 from .width import TABLE_KINDS as WIDTH_KINDS, CELL_VERSION, Sweep, sweep_frames
 
 LAYER_ALPHAS = (0.25, 0.5, 0.75)  # where the layerwise metrics are taken (the paper's figures use these)
 
 
-def _metric_batches(setting: Setting, device):
-    return data.batches(eval_splits(setting, device)["test"], setting.metric_batch)
+def _metric_batches(setting: Setting, device, model=None):
+    """The test batches of the layer metrics; on a GPU, with `model`, of a size whose features fit its free
+    memory (`runtime.fit_batch`: A, B and theta_alpha held at once; refused before any work when not even one
+    sample fits). On the CPU the setting's `metric_batch`, as always."""
+    test = eval_splits(setting, device)["test"]
+    size = setting.metric_batch
+    if model is not None:
+        size = fit_batch(model, tuple(test.images.shape[1:]), size, device, training=False, models=3,
+                         what=f"{setting.name}: the layer-metric pass").micro_batch
+    return data.batches(test, size)
 
 
 # The version of the producer now running (`Producer.__call__` sets it): it keys the frames that producer
@@ -88,7 +96,7 @@ class _LayerPass:
 
     def __call__(self, kind: str) -> pd.DataFrame:
         if not self.result:
-            self.result.update(layer_metrics(self.a, self.b, _metric_batches(self.setting, self.device),
+            self.result.update(layer_metrics(self.a, self.b, _metric_batches(self.setting, self.device, self.a),
                                              alphas=self.alphas, correction=self.correction,
                                              calibration=calibration(self.setting, self.device)))
         return self.result[kind].assign(correction=self.correction) if kind == "llfc" else self.result[kind]
@@ -135,7 +143,7 @@ def matching_tables(setting: Setting, device=None, seed: int = 0) -> dict[str, p
 
 
 def _gaps(setting: Setting, a, b, device) -> pd.DataFrame:
-    cond = layer_metrics(a, b, _metric_batches(setting, device), alphas=(0.5,))["conditions"]
+    cond = layer_metrics(a, b, _metric_batches(setting, device, a), alphas=(0.5,))["conditions"]
     cond = cond[cond.kind == "linear"]
     return cond[["layer", "depth", "dist_w", "dist_h", "dist_com", "dist_com_sample"]]
 
@@ -154,7 +162,7 @@ def appendix_tables(setting: Setting, device=None, k: int = 10) -> dict[str, pd.
 
 
 def _on_test(measure, setting: Setting, a, b, device) -> pd.DataFrame:
-    return measure(a, b, _metric_batches(setting, device))
+    return measure(a, b, _metric_batches(setting, device, a))
 
 
 def _depths(setting: Setting, model, device) -> dict:
