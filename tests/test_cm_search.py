@@ -276,3 +276,22 @@ def test_search_never_increases_and_objectives_on_other_batches():
     assert values == {"start": commutativity_objective(other, start), "found": commutativity_objective(other, perms)}
     same = commutativity_objectives(a, b, spec, batches, {"found": perms})["found"]
     assert same == pytest.approx(trace[-1], rel=1e-12)
+
+
+def test_the_books_local_search_continues_from_the_descent():
+    """The book's CM (`pairs.METHOD_OPTIONS`: only from the descent's result, sweeps capped) ends at or below the
+    descent, at or above the full search from every start; unknown `starts` are refused."""
+    from llfc_core.book.pairs import METHOD_OPTIONS
+
+    a, b, batches = double_pair("mlp")
+    spec = a.permutation_spec()
+    moments = commutativity_moments(a, b, spec, batches)
+    descent = commutativity_matching(a, b, spec, batches, op_moments=moments)
+    local = commutativity_matching(a, b, spec, batches, op_moments=moments, **METHOD_OPTIONS["cm"])
+    full = commutativity_matching(a, b, spec, batches, op_moments=moments, search="full")
+    value = {name: commutativity_objective(moments, r.perms) for name, r in
+             (("descent", descent), ("local", local), ("full", full))}
+    assert value["full"] <= value["local"] + 1e-12 <= value["descent"] + 2e-12
+    assert local.sweeps <= descent.sweeps + METHOD_OPTIONS["cm"]["search_sweeps"]
+    with pytest.raises(ValueError, match="starts must be 'all' or 'descent'"):
+        commutativity_matching(a, b, spec, batches, search="full", starts="random")

@@ -20,11 +20,12 @@ SUBSET_SEEDS = {"statistics": 1, "ste": 2, "eval_train": 3, "eval_test": 4, "cal
 STATS_BATCH = 500
 STE_BATCH = 1000  # Git Re-Basin, src/mnist_mlp_ste2.py
 PERMS_VERSION = 1  # bump when a change alters the permutations a method finds (recomputes them, not the models)
-# Options of the book's methods, part of their permutations' keys. CM: the full search (issue #23: the descent
-# stops where activation matching is), from the descent's result without restarts or kicks, whose cost at
-# width 512 (about a minute per 2-opt sweep on one core) the cpu budget does not allow; `tables.cm_tables`
-# records the descent's objective beside it.
-METHOD_OPTIONS = {"cm": {"search": "full", "restarts": 0, "kicks": 0}}
+# Options of the book's methods, part of their permutations' keys. CM: the full search's local search (issue
+# #23: the descent stops where activation matching is), continued from the descent's result for at most two
+# sweeps of 2-opt and Frank-Wolfe per permutation: at width 512 a sweep costs minutes on one core, so the
+# other starts, restarts and kicks of the search that finds the optimum of small instances
+# (tests/test_cm_search.py) do not fit the cpu budget. `tables.cm_tables` records the descent beside it.
+METHOD_OPTIONS = {"cm": {"search": "full", "starts": "descent", "restarts": 0, "kicks": 0, "search_sweeps": 2}}
 
 
 @dataclass

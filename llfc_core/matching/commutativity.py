@@ -144,7 +144,7 @@ SEARCHES = ("descent", "full")
 def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, init: dict | None = None,
                            op_moments: list | None = None, max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2,
                            seed: int = 0, search: str = "descent", restarts: int = 4, kicks: int = 8,
-                           fw_iters: int = 30) -> MatchResult:
+                           fw_iters: int = 30, starts: str = "all", search_sweeps: int | None = None) -> MatchResult:
     """Commutativity matching (CM): minimise sum_op ||R_op||^2 / (||W_A H_A|| ||W_B H_B||) over the
     permutations. `search` picks the algorithm; "descent" is the default for now (the book's committed
     results were made with it; the book switches to "full" with its next recomputation).
@@ -168,21 +168,30 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
     `objective`: the descent's start, then the best value so far after each restart and each kick;
     `sweeps`: all sweeps of all runs. `fw_iters`: Frank-Wolfe iterations per relaxation; `max_sweeps` caps
     each run. Costs far more than the descent (3 x 128 MNIST MLP: ~35 s on one core against 0.3 s).
+    `starts`: "all" (above) or "descent" (only from the descent's result: a local search that continues where
+    the descent stopped); `search_sweeps` caps each run of the search (default `max_sweeps`), for budgets
+    where a 2-opt sweep of a wide layer costs minutes.
 
     `op_moments`: those of `commutativity_moments` on these batches, when the caller has them (saves the pass).
     """
     if search not in SEARCHES:
         raise ValueError(f"commutativity_matching: search must be one of {SEARCHES}, got {search!r}")
+    if starts not in ("all", "descent"):
+        raise ValueError(f"commutativity_matching: starts must be 'all' or 'descent', got {starts!r}")
     batches = list(batches)
     op_moments = op_moments or commutativity_moments(model_a, model_b, spec, batches)
-    starts = _wm_am(model_a, model_b, spec, batches, seed) if init is None else []
+    start_perms = _wm_am(model_a, model_b, spec, batches, seed) if init is None else []
     if init is None:
-        init = min(starts, key=lambda start: commutativity_objective(op_moments, start))
+        init = min(start_perms, key=lambda start: commutativity_objective(op_moments, start))
     descent = _descent(op_moments, spec.sizes(model_a.state_dict()), init, max_sweeps, max_cycles, rtol, seed)
     if search == "descent":
         return descent
-    return _full(op_moments, spec.sizes(model_a.state_dict()), descent, starts, max_sweeps, restarts, kicks,
-                 fw_iters, seed)
+    if starts == "descent":
+        begin, restarts = [], 0
+    else:
+        begin = [identity_perms(spec.sizes(model_a.state_dict())), *start_perms]
+    return _full(op_moments, spec.sizes(model_a.state_dict()), descent, begin, search_sweeps or max_sweeps, restarts,
+                 kicks, fw_iters, seed)
 
 
 def _wm_am(model_a, model_b, spec, batches, seed) -> list[dict]:
@@ -368,8 +377,7 @@ def _full(op_moments, sizes, descent: MatchResult, starts: list[dict], max_sweep
           seed) -> MatchResult:
     """search="full" (see `commutativity_matching`): restarts of `commutativity_search`, then kicks of the
     best (iterated local search), the best kept."""
-    starts = [descent.perms, identity_perms(sizes), *starts,
-              *(random_perms(sizes, seed=seed + 1 + r) for r in range(restarts))]
+    starts = [descent.perms, *starts, *(random_perms(sizes, seed=seed + 1 + r) for r in range(restarts))]
     seen = {p for m in op_moments for p in (m.p_out, m.p_in) if p is not None}
     rng = torch.Generator().manual_seed(seed)
     best, trace, sweeps = None, [descent.objective[0]], 0
