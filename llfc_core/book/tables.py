@@ -439,10 +439,12 @@ _PRODUCERS = [
     Producer(matching_tables, ("matching",)),
     Producer(appendix_tables, ("stitching", "angles")),
     Producer(spectra_tables, ("spectra",)),
-    Producer(cm_tables, ("cm", "cm_scatter")),
-    Producer(cm_lmc_tables, ("cm_lmc",)),
-    Producer(cm_layer_tables, ("cm_llfc", "cm_conditions")),
-    Producer(averaging_tables, ("averaging",)),
+    # version 2 (issue #23): CM's full search (pairs.METHOD_OPTIONS), its descent and held-out objectives beside it,
+    # AM pairs for the conv nets, CM's layer metrics under every convention
+    Producer(cm_tables, ("cm", "cm_scatter"), version=2),
+    Producer(cm_lmc_tables, ("cm_lmc",), version=2),
+    Producer(cm_layer_tables, ("cm_llfc", "cm_conditions"), version=2),
+    Producer(averaging_tables, ("averaging",), version=2),  # its CM pair is the full search's
     Producer(merge_tables, ("merge",)),
     Producer(spawn_tables, ("spawn_lmc", "spawn_layers"), depends=_spawn_study, covers=lambda s: bool(spawn_epochs(s))),
     # a sweep's rows are versioned by its cells (`width.CELL_VERSION`, part of every cell and of the sweep's hash)
