@@ -128,7 +128,7 @@ def test_cache_writes_are_atomic_and_safe(tmp_path):
         cache.read_entry(folder, ("t",))
 
 
-@pytest.mark.parametrize("profile", ["cpu"])
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
 def test_committed_results_match_the_code(profile):
     """Every committed table was computed with the settings the code defines now, so `make book` reads
     them instead of recomputing (a change to a setting must come with regenerated results)."""
