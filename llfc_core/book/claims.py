@@ -346,10 +346,12 @@ def chapter3(conditions: pd.DataFrame, profile: str, alpha: float = 0.5) -> list
 def theorem1_layers(llfc: pd.DataFrame, conditions: pd.DataFrame, alpha: float = 0.5) -> pd.DataFrame:
     """Theorem 1 numerically, per (setting, pair) and feature layer at `alpha`: `metrics.layer_summary` (LLFC
     there, Dist_sigma of the layer's ReLU, the largest Dist_com of the ops feeding it) with the conclusion's
-    residual `thm1_dist` beside it. `llfc` under one convention (`checked`); `conditions`: chapter 3's."""
+    residual `thm1_dist` beside it. `llfc` under one convention (`checked`); `conditions`: chapter 3's. With
+    replicates, their mean (`replicate_mean`)."""
     from ..metrics import layer_summary
 
     llfc, conditions = llfc[llfc.alpha == alpha], conditions[conditions.alpha == alpha]
+    llfc, conditions = replicate_mean(llfc), replicate_mean(conditions)
     frames = [layer_summary(g, conditions[(conditions.setting == setting) & (conditions.pair == pair)])
               .assign(thm1_dist=g.thm1_dist) for (setting, pair), g in llfc.groupby(["setting", "pair"], sort=False)]
     columns = ["setting", "pair", "depth", "layer", "thm1_dist", "dist_sigma", "dist_com", "scale_c", "cos_dist",
