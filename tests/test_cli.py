@@ -29,7 +29,8 @@ def llfc(*args, env=None, cwd=None, timeout=600):
 def test_help_exits_0_and_names_run(tmp_path):
     done = llfc("--help", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "{run}" in done.stdout and "python -m llfc_core run" in done.stdout
+    assert "{run,share}" in done.stdout and "python -m llfc_core run" in done.stdout
+    assert "python -m llfc_core share" in done.stdout
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "--help"])
     assert exit_.value.code == 0
