@@ -295,3 +295,21 @@ def test_the_books_local_search_continues_from_the_descent():
     assert local.sweeps <= descent.sweeps + METHOD_OPTIONS["cm"]["search_sweeps"]
     with pytest.raises(ValueError, match="starts must be 'all' or 'descent'"):
         commutativity_matching(a, b, spec, batches, search="full", starts="random")
+
+
+def test_a_descent_already_run_is_continued_not_repeated(monkeypatch):
+    """`descent=`: the full search continues the caller's descent: the same permutations, objectives and
+    sweeps as running it again, and neither the descent nor WM/AM run a second time (starts='descent')."""
+    from llfc_core.book.pairs import METHOD_OPTIONS
+    from llfc_core.matching import commutativity as cm
+
+    a, b, batches = double_pair("mlp")
+    spec = a.permutation_spec()
+    moments = commutativity_moments(a, b, spec, batches)
+    descent = commutativity_matching(a, b, spec, batches, op_moments=moments)
+    again = commutativity_matching(a, b, spec, batches, op_moments=moments, **METHOD_OPTIONS["cm"])
+    monkeypatch.setattr(cm, "_descent", lambda *args: pytest.fail("the descent ran again"))
+    monkeypatch.setattr(cm, "_wm_am", lambda *args: pytest.fail("WM and AM ran again"))
+    continued = commutativity_matching(a, b, spec, batches, op_moments=moments, descent=descent, **METHOD_OPTIONS["cm"])
+    assert all(torch.equal(again.perms[p], continued.perms[p]) for p in again.perms)
+    assert (again.objective, again.sweeps) == (continued.objective, continued.sweeps)

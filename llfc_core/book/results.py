@@ -90,10 +90,7 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
     frame = order_columns(table, pd.concat(frames, ignore_index=True))
     frame.attrs["computed"] = computed  # which settings this call computed (the rest were read)
     if computed:
-        keep = old[~old.setting.isin(frame.setting.unique())] if old is not None else None
-        merged = pd.concat([keep, frame], ignore_index=True) if keep is not None else frame
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged.to_csv(path, index=False, float_format="%.6g")
+        replace_rows(path, frame, old)
         manifest.update({"profile": profile, "commit": git_commit(), "device": device_label(),
                          "torch": torch.__version__, "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
         for name in computed:
@@ -113,6 +110,17 @@ def load_or_compute(profile: str, table: str, hashes: dict[str, str], compute, d
     return frame
 
 
+def replace_rows(path: Path, frame: pd.DataFrame, old: pd.DataFrame | None = None) -> None:
+    """Write `frame` into the table at `path` in place of the rows of its settings, keeping every other
+    setting's (`old`: the table as already read, else read here)."""
+    if old is None and path.exists():
+        old = pd.read_csv(path)
+    merged = frame if old is None else pd.concat([old[~old.setting.isin(frame.setting.unique())], frame],
+                                                 ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged.to_csv(path, index=False, float_format="%.6g")
+
+
 def share(source: str, target: str, name: str, hashes: dict[str, str]) -> list[str]:
     """Copy one setting's committed rows from results/<source>/ to results/<target>/ for every table in
     `hashes` ({table: the target's hash of that setting}) whose source record has exactly that hash: the
@@ -126,12 +134,7 @@ def share(source: str, target: str, name: str, hashes: dict[str, str]) -> list[s
         if src_manifest.get("tables", {}).get(table, {}).get(name) != h:
             continue
         rows = pd.read_csv(results_dir(source) / f"{table}.csv")
-        rows = rows[rows.setting == name]
-        path = results_dir(target) / f"{table}.csv"
-        old = pd.read_csv(path) if path.exists() else None
-        merged = pd.concat([old[old.setting != name], rows], ignore_index=True) if old is not None else rows
-        path.parent.mkdir(parents=True, exist_ok=True)
-        merged.to_csv(path, index=False, float_format="%.6g")
+        replace_rows(results_dir(target) / f"{table}.csv", rows[rows.setting == name])
         dst_manifest.setdefault("tables", {}).setdefault(table, {})[name] = h
         for key in ("minutes", "made_by"):
             if table in src_manifest.get(key, {}).get(name, {}):

@@ -27,6 +27,7 @@ from ..merge import merge_comparison
 from ..metrics import layer_metrics, layer_summary
 from ..probes import feature_averaging, principal_angles, stitching_errors, weight_principal_angles, weight_spectra
 from ..taps import find_taps
+from .claims import CM_CORRECTION
 from .pairs import (METHOD_OPTIONS, STATS_BATCH, SettingModels, alignment_data, build_pairs, calibration, eval_splits,
                     pair_perms, train_models)
 from ..permutation import apply_permutation, identity_perms, perturb_perms, random_perms
@@ -202,7 +203,10 @@ def _cm_pair(models: SettingModels, device) -> dict:
 
 def _cm_correction(setting: Setting) -> str:
     """The convention chapter 6 compares permutations under (`claims.CM_CORRECTION` where a setting has it)."""
-    return "bn_reset" if "bn_reset" in setting.corrections else setting.corrections[0]
+    return CM_CORRECTION if CM_CORRECTION in setting.corrections else setting.corrections[0]
+
+
+SCATTER_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.4)  # share of each permutation's positions moved (cm_scatter)
 
 
 def cm_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
@@ -220,9 +224,6 @@ def cm_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
             "cm_scatter": _pair_frame("cm_scatter", models, "cm", costs.scatter,
                                       {"fractions": list(SCATTER_FRACTIONS), "correction": _cm_correction(setting)}
                                       ).drop(columns="pair")}
-
-
-SCATTER_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.4)  # share of each permutation's positions moved (cm_scatter)
 
 
 @dataclass
@@ -247,8 +248,8 @@ class _CmStudy:
         descent = commutativity_matching(a, b, spec, batches, op_moments=moments)
         seconds["cm_descent"] = time.perf_counter() - start
         start = time.perf_counter()
-        cm = commutativity_matching(a, b, spec, batches, op_moments=moments, **METHOD_OPTIONS["cm"])
-        seconds["cm"] = seconds["cm_descent"] + time.perf_counter() - start  # the full search runs the descent first
+        cm = commutativity_matching(a, b, spec, batches, op_moments=moments, descent=descent, **METHOD_OPTIONS["cm"])
+        seconds["cm"] = seconds["cm_descent"] + time.perf_counter() - start  # the full search continues the descent
         pair_perms(self.models, "cm", self.device, computed=cm.perms)  # the CM pair of the other tables uses these
         perms = {"identity": identity_perms(spec.sizes(a.state_dict())), "wm": wm.perms,
                  "am": pair_perms(self.models, "am", self.device)}
@@ -309,14 +310,14 @@ def cm_layer_tables(setting: Setting, device=None, alphas=LAYER_ALPHAS) -> dict[
 def merge_tables(setting: Setting, device=None) -> dict[str, pd.DataFrame]:
     """'merge': the feature-averaging merge (`merge.merge_comparison`: each linear op fitted by least squares
     on the merged network's own inputs to the average of A's and aligned B's pre-activations) against
-    theta_0.5, the output ensemble and the endpoints, on test data, with B aligned (by AM, or CM where
-    named) and unaligned; fitted on the setting's statistics subset of its training data."""
+    theta_0.5, the output ensemble and the endpoints, on test data, with B aligned by AM and unaligned;
+    fitted on the setting's statistics subset of its training data."""
     device = device or default_device()
     models = train_models(setting, device)
     a, b = models.a, models.others["independent"]
-    fit = list(alignment_data(setting, device).batches)
 
-    def compute() -> pd.DataFrame:
+    def compute() -> pd.DataFrame:  # only where the frame is not cached
+        fit = list(alignment_data(setting, device).batches)
         test = data.batches(eval_splits(setting, device)["test"], STATS_BATCH)
         aligned = apply_permutation(b, a.permutation_spec(), pair_perms(models, "am", device))
         return merge_comparison(a, aligned, b, fit, test).assign(alignment="am")

@@ -144,10 +144,11 @@ SEARCHES = ("descent", "full")
 def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, init: dict | None = None,
                            op_moments: list | None = None, max_sweeps: int = 20, max_cycles: int = 8, rtol: float = 1e-2,
                            seed: int = 0, search: str = "descent", restarts: int = 4, kicks: int = 8,
-                           fw_iters: int = 30, starts: str = "all", search_sweeps: int | None = None) -> MatchResult:
+                           fw_iters: int = 30, starts: str = "all", search_sweeps: int | None = None,
+                           descent: MatchResult | None = None) -> MatchResult:
     """Commutativity matching (CM): minimise sum_op ||R_op||^2 / (||W_A H_A|| ||W_B H_B||) over the
-    permutations. `search` picks the algorithm; "descent" is the default for now (the book's committed
-    results were made with it; the book switches to "full" with its next recomputation).
+    permutations. `search` picks the algorithm; "descent" is the default (the book runs "full" from the
+    descent, `book.pairs.METHOD_OPTIONS`).
 
     search="descent" (unchanged, bit for bit): a descent from `init`; by default from whichever of weight
     matching's and activation matching's (on the same batches) has the lower objective, so CM ends at or
@@ -173,6 +174,9 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
     where a 2-opt sweep of a wide layer costs minutes.
 
     `op_moments`: those of `commutativity_moments` on these batches, when the caller has them (saves the pass).
+    `descent`: the result of the descent above on the same moments and options, when the caller has it
+    (search="full" continues from it instead of running it again; WM and AM are then computed only as the
+    other starts of starts="all").
     """
     if search not in SEARCHES:
         raise ValueError(f"commutativity_matching: search must be one of {SEARCHES}, got {search!r}")
@@ -180,18 +184,20 @@ def commutativity_matching(model_a, model_b, spec: PermutationSpec, batches, *, 
         raise ValueError(f"commutativity_matching: starts must be 'all' or 'descent', got {starts!r}")
     batches = list(batches)
     op_moments = op_moments or commutativity_moments(model_a, model_b, spec, batches)
-    start_perms = _wm_am(model_a, model_b, spec, batches, seed) if init is None else []
-    if init is None:
-        init = min(start_perms, key=lambda start: commutativity_objective(op_moments, start))
-    descent = _descent(op_moments, spec.sizes(model_a.state_dict()), init, max_sweeps, max_cycles, rtol, seed)
+    sizes = spec.sizes(model_a.state_dict())
+    wanted = init is None and (descent is None or (search == "full" and starts == "all"))
+    start_perms = _wm_am(model_a, model_b, spec, batches, seed) if wanted else []
+    if descent is None:
+        if init is None:
+            init = min(start_perms, key=lambda start: commutativity_objective(op_moments, start))
+        descent = _descent(op_moments, sizes, init, max_sweeps, max_cycles, rtol, seed)
     if search == "descent":
         return descent
     if starts == "descent":
         begin, restarts = [], 0
     else:
-        begin = [identity_perms(spec.sizes(model_a.state_dict())), *start_perms]
-    return _full(op_moments, spec.sizes(model_a.state_dict()), descent, begin, search_sweeps or max_sweeps, restarts,
-                 kicks, fw_iters, seed)
+        begin = [identity_perms(sizes), *start_perms]
+    return _full(op_moments, sizes, descent, begin, search_sweeps or max_sweeps, restarts, kicks, fw_iters, seed)
 
 
 def _wm_am(model_a, model_b, spec, batches, seed) -> list[dict]:
