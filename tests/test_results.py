@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from llfc_core.book import chapter, pairs, profiles, results, width
+from llfc_core.book import chapter, claims, pairs, profiles, results, width
 from llfc_core.book.tables import TABLES, results_hash
 
 
@@ -176,3 +176,22 @@ def test_share_copies_only_rows_of_the_same_configuration(tmp_path, monkeypatch)
     assert manifest["tables"]["lmc"] == {"mnist-mlp": "h1"} and "llfc" not in manifest["tables"]
     assert manifest["made_by"]["mnist-mlp"]["lmc"] == made and manifest["shared_from"]["mnist-mlp"]["profile"] == "cpu"
     assert results.share("cpu", "paper", "mnist-mlp", {"lmc": "other"}) == []
+
+
+def test_share_takes_the_settings_explained_deviations_along(tmp_path, monkeypatch):
+    """The same rows fail the same claims: the shared setting's explanations go with them, replacing the
+    target's entries of that setting and keeping every other setting's."""
+    monkeypatch.setenv("LLFC_RESULTS", str(tmp_path))
+    for profile in ("cpu", "paper"):
+        (tmp_path / profile).mkdir()
+    pd.DataFrame({"setting": ["mnist-mlp"], "replicate": [0], "value": [1.0]}).to_csv(tmp_path / "cpu" / "lmc.csv", index=False)
+    (tmp_path / "cpu" / "manifest.json").write_text(json.dumps({
+        "profile": "cpu", "tables": {"lmc": {"mnist-mlp": "h1"}}, "settings": {"mnist-mlp": {"hash": "h1"}}}))
+    entry = lambda setting, why: {"claim": "lmc.barrier", "setting": setting, "pair": "wm", "explanation": why}
+    (tmp_path / "cpu" / "deviations.json").write_text(json.dumps({"deviations": [
+        entry("mnist-mlp", "from cpu's rows"), entry("cifar10-vgg16", "cpu only")]}))
+    (tmp_path / "paper" / "deviations.json").write_text(json.dumps({"deviations": [
+        entry("mnist-mlp", "stale"), entry("cifar10-resnet20", "paper's own")]}))
+    assert results.share("cpu", "paper", "mnist-mlp", {"lmc": "h1"}) == ["lmc"]
+    assert claims.read_deviations("paper") == {("lmc.barrier", "mnist-mlp", "wm"): "from cpu's rows",
+                                               ("lmc.barrier", "cifar10-resnet20", "wm"): "paper's own"}

@@ -149,7 +149,22 @@ def share(source: str, target: str, name: str, hashes: dict[str, str]) -> list[s
             "profile": source, "tables": copied,
             "note": f"computed by the {source} profile (same configuration hash); see made_by for commit and device"}
         write_manifest(target, dst_manifest)
+        _share_deviations(source, target, name)
     return copied
+
+
+def _share_deviations(source: str, target: str, name: str) -> None:
+    """The source's explained deviations of setting `name` go with its rows: the same rows fail the same
+    claims, and `claims.review` would otherwise call them unexplained in the target. The target's own
+    entries for that setting are replaced, every other setting's kept."""
+    src, dst = results_dir(source) / "deviations.json", results_dir(target) / "deviations.json"
+    rows = [r for r in json.loads(src.read_text())["deviations"] if r["setting"] == name] if src.exists() else []
+    book = json.loads(dst.read_text()) if dst.exists() else {
+        "profile": target, "note": f"Explained deviations, (claim, setting, pair) -> why. Shared settings' "
+                                   f"entries are copied with their rows (results.share) from the profile that "
+                                   f"computed them."}
+    book["deviations"] = [r for r in book.get("deviations", []) if r["setting"] != name] + rows
+    dst.write_text(json.dumps(book, indent=1) + "\n")
 
 
 def record_chapter_time(profile: str, chapter: str, minutes: float) -> None:
