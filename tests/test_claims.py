@@ -554,8 +554,9 @@ def test_every_claim_of_chapters_5_and_6_fails_somewhere_on_real_data():
     control += merged_control
     assert merged_control and any(not r["passed"] for r in merged_control)
     spawn_lmc, spawn_layers = t["spawn_lmc"], t["spawn_layers"]
-    late = spawn_lmc.spawn_epoch >= spawn_lmc.spawn_epoch.max()  # the last spawn point alone: nothing before it
-    spawn_control = claims.spawn_claims(spawn_lmc[late], spawn_layers[spawn_layers.spawn_epoch >= spawn_lmc.spawn_epoch.max()], "cpu")
+    last = spawn_lmc.spawn_epoch.max()  # the last spawn point alone: nothing before it
+    spawn_control = claims.spawn_claims(spawn_lmc[spawn_lmc.spawn_epoch == last],
+                                        spawn_layers[spawn_layers.spawn_epoch == last], "cpu")
     assert spawn_control and not any(r["passed"] for r in spawn_control)
     control += spawn_control
     # width.dimension_barrier passes on the learning-rate sweep (+0.88); read with the clouds' dimension *before*
