@@ -270,12 +270,63 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols[:, None, None, :]]
 
 
-def batches(ds: Dataset, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0,
+# Git Re-Basin's MLP/VGG augmentation (`make_stuff` in src/cifar10_vgg_run.py, with augmax): RandomSizedCrop(32,
+# zoom_range=(0.8, 1.2)), HorizontalFlip(), Rotate(). augmax's defaults fix the rest: the crop cannot zoom out
+# (prevent_underzoom, so the zoom is log-uniform on [1, 1.2]) and is centred uniformly where it stays inside
+# the image; the flip has p = 0.5; the angle is uniform on [-30, 30] degrees; bilinear resampling, pixels from
+# outside the image are 0 (black, before normalisation).
+ZOOM_RANGE = (1.0, 1.2)
+MAX_DEGREES = 30.0
+
+
+def affine_warp(x: torch.Tensor, degrees: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor,
+                flip: torch.Tensor) -> torch.Tensor:
+    """Resample each image of a square (N, C, S, S) batch at the output pixel p's source point
+    (F R p + shift) / zoom, in pixel units about the centre: R rotates by `degrees`, F mirrors x where `flip`,
+    `shift` (N, 2) is (x, y). Bilinear; outside the image reads 0. The identity parameters return x."""
+    n, _, h, w = x.shape
+    if h != w:
+        raise ValueError(f"affine_warp: images must be square, got {h}x{w}")
+    t = torch.deg2rad(degrees.to(x.device, torch.float32))
+    cos, sin = torch.cos(t), torch.sin(t)
+    sign = 1.0 - 2.0 * flip.to(x.device, torch.float32)
+    z = zoom.to(x.device, torch.float32)
+    theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0].to(x.device) * 2 / w], 1),
+                         torch.stack([sin * sign, cos, shift[:, 1].to(x.device) * 2 / h], 1)], 1)
+    theta[:, :, :2] /= z[:, None, None]
+    theta[:, :, 2] /= z[:, None]
+    # align_corners=False: normalised coordinates are pixel units about the centre scaled by 2/S, so a
+    # square image's linear part is the same in both and only the shift is rescaled.
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def zoom_flip_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Git Re-Basin's augmentation (above) for a whole batch, on raw 0-255 float images (so the fill is black)."""
+    n, size = x.shape[0], x.shape[-1]
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
+
+    zoom = torch.exp(uniform(*np.log(ZOOM_RANGE)))
+    half = (size * zoom - size) / 2  # the crop's centre may move this far (zoomed pixels) and stay inside
+    shift = torch.stack([uniform(-half, half), uniform(-half, half)], 1)
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    degrees = uniform(-MAX_DEGREES, MAX_DEGREES)
+    return affine_warp(x, degrees, zoom, shift, flip)
+
+
+AUGMENTATIONS = (False, True, "zoom-flip-rotate")  # True: random_crop_flip (kept True so old cache keys stay)
+
+
+def batches(ds: Dataset, batch_size: int, *, shuffle: bool = False, augment: bool | str = False, seed: int = 0,
             device=None, drop_last: bool = False):
     """Yield (x float32 normalised, y int64) batches of a device-resident data set.
 
     Order and augmentation depend only on `seed`, so a run resumed at epoch e sees what it would have seen.
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose from {AUGMENTATIONS}")
     device = torch.device(device) if device is not None else ds.images.device
     images, labels = ds.images.to(device), ds.labels.to(device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -286,7 +337,10 @@ def batches(ds: Dataset, batch_size: int, *, shuffle: bool = False, augment: boo
     stop = len(labels) - (len(labels) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
-        x = normalise(images[idx], ds.name)
-        if augment:
-            x = random_crop_flip(x, aug)
+        if augment == "zoom-flip-rotate":
+            x = normalise(zoom_flip_rotate(images[idx].float(), aug), ds.name)
+        else:
+            x = normalise(images[idx], ds.name)
+            if augment:
+                x = random_crop_flip(x, aug)
         yield x, labels[idx]

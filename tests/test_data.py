@@ -166,3 +166,67 @@ def test_crop_flip_matches_per_sample_definition():
     for i in range(2):
         crop = padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+
+
+def _warp(x, degrees=0.0, zoom=1.0, shift=(0.0, 0.0), flip=False):
+    n = len(x)
+    return data.affine_warp(x, torch.full((n,), float(degrees)), torch.full((n,), float(zoom)),
+                            torch.tensor([shift] * n, dtype=torch.float32), torch.full((n,), flip))
+
+
+def test_affine_warp_is_exact_on_pixel_grid_maps():
+    """Identity, flip, whole-pixel shifts, quarter turns and a 2x zoom map pixel centres onto pixel centres,
+    so bilinear resampling must reproduce the moved pixels exactly (the convention: about the image centre)."""
+    x = torch.rand(3, 3, 8, 8) * 255
+    assert torch.equal(_warp(x), x)
+    assert torch.equal(_warp(x, flip=True), x.flip(-1))
+    right = _warp(x, shift=(1.0, 0.0))  # output pixel j reads source pixel j + 1; the last column is outside: 0
+    assert torch.equal(right[..., :-1], x[..., 1:]) and torch.all(right[..., -1] == 0)
+    down = _warp(x, shift=(0.0, 2.0))
+    assert torch.equal(down[..., :-2, :], x[..., 2:, :]) and torch.all(down[..., -2:, :] == 0)
+    turned = _warp(x, degrees=90.0)
+    quarter = [torch.rot90(x, k, (-2, -1)) for k in (1, 3)]
+    assert min(float((turned - q).abs().max()) for q in quarter) < 1e-3  # cos(90 deg) is not exactly 0 in fp32
+    assert torch.allclose(_warp(x, degrees=180.0), x.flip(-1).flip(-2), atol=1e-3)
+    # zoom 2 about the centre: output pixels 2 and 5 of 8 (centred -1.5, +1.5) read source -0.75 / +0.75,
+    # i.e. a quarter of the way between source pixels 2|3 and 4|5 (hand-computed bilinear weights)
+    row = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8)
+    zoomed = _warp(row, zoom=2.0)
+    assert zoomed[0, 0, 4, 2].item() == pytest.approx(2.75) and zoomed[0, 0, 4, 5].item() == pytest.approx(4.25)
+
+
+def test_affine_warp_refuses_non_square_images():
+    with pytest.raises(ValueError, match="square"):
+        _warp(torch.zeros(1, 1, 4, 6))
+
+
+def test_zoom_flip_rotate_draws_git_rebasin_ranges_and_fills_black():
+    """augmax's RandomSizedCrop(zoom 0.8-1.2, no zoom-out), HorizontalFlip, Rotate(+-30 deg): a constant white
+    image stays white in its middle (the crop never leaves the image) and turns black only in the corners
+    that a rotation of at most 30 degrees uncovers; seeded; some images flipped, none identical to the input."""
+    white = torch.full((400, 1, 32, 32), 255.0)
+    out = data.zoom_flip_rotate(white, torch.Generator().manual_seed(0))
+    assert torch.equal(out, data.zoom_flip_rotate(white, torch.Generator().manual_seed(0)))
+    assert torch.allclose(out[..., 10:22, 10:22], white[..., 10:22, 10:22])  # a disc of radius > 8 is always inside
+    black = (out < 1).float().mean(dim=(1, 2, 3))
+    # uncovered corners: none at 0 deg, at most ~16 % of the image at 30 deg and zoom 1 (four triangles)
+    assert float(black.min()) == 0.0 and float(black.max()) < 0.17 and float(black.mean()) > 0.02
+    ramp = torch.arange(32.0).view(1, 1, 1, 32).expand(400, 1, 32, 32).contiguous()
+    moved = data.zoom_flip_rotate(ramp, torch.Generator().manual_seed(1))
+    slope = (moved[..., 16, 17] - moved[..., 16, 14]).flatten() / 3  # d(source x)/d(output x) at the centre
+    flipped = slope < 0
+    assert 0.35 < float(flipped.float().mean()) < 0.65  # p = 0.5
+    # |slope| = cos(angle) / zoom lies in [cos 30 deg / 1.2, 1]
+    assert float(slope.abs().min()) > 0.866 / 1.2 - 0.02 and float(slope.abs().max()) <= 1.0 + 1e-4
+
+
+def test_batches_apply_the_named_augmentation_and_refuse_unknown_names():
+    ds = data.load("cifar10", "test").subset(64)
+    plain = next(data.batches(ds, 16, seed=2))[0]
+    warped = next(data.batches(ds, 16, augment="zoom-flip-rotate", seed=2))[0]
+    again = next(data.batches(ds, 16, augment="zoom-flip-rotate", seed=2))[0]
+    assert torch.equal(warped, again) and not torch.allclose(warped, plain)
+    gen = torch.Generator().manual_seed(2)  # the same draws by hand: warp the raw images, then normalise
+    assert torch.equal(warped, data.normalise(data.zoom_flip_rotate(ds.images[:16].float(), gen), "cifar10"))
+    with pytest.raises(ValueError, match="unknown augmentation 'crop'"):
+        next(data.batches(ds, 16, augment="crop"))

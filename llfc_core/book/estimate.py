@@ -262,6 +262,11 @@ class Estimator:
             passes = (pairs + 1) * e_test * (2 + len(LAYER_ALPHAS) + flops["relus"])
             return (self.models(s) + self.all_perms(s) + self.perms(s, "cm")
                     + Cost(evaluate=self.forward_seconds(recipe, passes)))
+        if name == "merge_tables":  # `merge_comparison`: per linear op, the fit data through merged, A and B
+            # (aligned and unaligned B) with its least-squares Grams; seven models on test
+            stats, ops = min(s.statistics_samples, TRAIN_SIZES[recipe.dataset]), flops["relus"] + 1
+            fit = self.forward_seconds(recipe, 2 * 3 * ops * stats) + self.dense_seconds(2 * stats * flops["moments"])
+            return self.models(s) + self.perms(s, "am") + Cost(evaluate=fit + self.forward_seconds(recipe, 7 * e_test))
         if name == "spawn_tables":
             cost = Cost()
             table = seeds(s.replicate)
