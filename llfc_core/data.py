@@ -271,11 +271,12 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
 
 
 # Git Re-Basin's MLP/VGG augmentation (`make_stuff` in src/cifar10_vgg_run.py, with augmax): RandomSizedCrop(32,
-# zoom_range=(0.8, 1.2)), HorizontalFlip(), Rotate(). augmax's defaults fix the rest: the crop cannot zoom out
-# (prevent_underzoom, so the zoom is log-uniform on [1, 1.2]) and is centred uniformly where it stays inside
-# the image; the flip has p = 0.5; the angle is uniform on [-30, 30] degrees; bilinear resampling, pixels from
-# outside the image are 0 (black, before normalisation).
-ZOOM_RANGE = (1.0, 1.2)
+# zoom_range=(0.8, 1.2)), HorizontalFlip(), Rotate(). As every released augmax (v0.2.0 to v0.4.1) runs it: the
+# zoom is log-uniform on [0.8, 1.2] -- its `prevent_underzoom` compares the zoom with a *log* of the size ratio
+# (0.8 > log 1), so it never acts and zoom-outs (black borders) happen; the crop's centre moves uniformly by
+# up to |size * (zoom - 1)| / 2 zoomed pixels; the flip has p = 0.5; the angle is uniform on [-30, 30] degrees;
+# bilinear resampling, pixels from outside the image are 0 (black, before normalisation).
+ZOOM_RANGE = (0.8, 1.2)
 MAX_DEGREES = 30.0
 
 
@@ -309,7 +310,7 @@ def zoom_flip_rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
         return lo + (hi - lo) * torch.rand(n, generator=generator, device=generator.device)
 
     zoom = torch.exp(uniform(*np.log(ZOOM_RANGE)))
-    half = (size * zoom - size) / 2  # the crop's centre may move this far (zoomed pixels) and stay inside
+    half = (size * zoom - size).abs() / 2  # how far the crop's centre moves (zoomed pixels), either side
     shift = torch.stack([uniform(-half, half), uniform(-half, half)], 1)
     flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
     degrees = uniform(-MAX_DEGREES, MAX_DEGREES)
