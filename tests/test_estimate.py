@@ -142,6 +142,18 @@ def test_work_shared_between_chapters_is_counted_once(fixed_rates):
     assert (alone.iloc[:-1]["total"] > 0).all()  # on its own it trains and measures
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_table_of_every_chapter_has_a_cost_model(fixed_rates, profile):
+    """A whole cold run of each profile is estimated, chapter 6's merge included (a producer without a cost
+    model once broke `run --estimate` and the GPU's default-profile choice)."""
+    frame = book_estimate.profile_minutes(profile, "cpu")
+    rows = frame.iloc[:-1]
+    assert set(rows.chapter) == set(book_estimate.CHAPTER_TABLES)
+    assert (rows.total >= 0).all() and frame.iloc[-1]["total"] == pytest.approx(rows.total.sum())  # work made once
+    beyond = rows[rows.chapter == "06_beyond"]
+    assert (beyond.evaluate > 0).all()  # chapter 6 measures things of its own in every setting (CM, merge, ...)
+
+
 @pytest.mark.parametrize("device", ["cuda", "mps", "cpu"])
 def test_choose_profile_grows_with_the_budget_and_never_picks_paper_on_a_cpu(monkeypatch, device):
     minutes = {"smoke": 5.0, "cpu": 60.0, "paper": 600.0}
