@@ -291,11 +291,9 @@ def affine_warp(x: torch.Tensor, degrees: torch.Tensor, zoom: torch.Tensor, shif
     t = torch.deg2rad(degrees.to(x.device, torch.float32))
     cos, sin = torch.cos(t), torch.sin(t)
     sign = 1.0 - 2.0 * flip.to(x.device, torch.float32)
-    z = zoom.to(x.device, torch.float32)
+    z = zoom.to(x.device, torch.float32)[:, None, None]  # divides the whole map, shift included
     theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0].to(x.device) * 2 / w], 1),
-                         torch.stack([sin * sign, cos, shift[:, 1].to(x.device) * 2 / h], 1)], 1)
-    theta[:, :, :2] /= z[:, None, None]
-    theta[:, :, 2] /= z[:, None]
+                         torch.stack([sin * sign, cos, shift[:, 1].to(x.device) * 2 / h], 1)], 1) / z
     # align_corners=False: normalised coordinates are pixel units about the centre scaled by 2/S, so a
     # square image's linear part is the same in both and only the shift is rescaled.
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
