@@ -354,7 +354,7 @@ BEYOND_SETTINGS = {"smoke": ["mnist-mlp", "cifar10-mlp"],
 # MNIST MLP has no onset to find (the cpu study of its earlier SGD recipe at epochs 0-3: error barriers 0.09 /
 # 0.04 / 0.02 / 0.01 points; at Git Re-Basin's recipe the epoch-1 children of all 3 replicates are 0.00
 # apart). The CIFAR-10 MLP at Git Re-Basin's recipe has one: its setting's children, spawned at epoch 1 (500
-# steps of batch 100), are 6-11 points apart on test; a pilot on replicate 0 measured 4.3 points at epoch 4
+# steps of batch 100), are 6-11 points apart on test; the study (replicate 0) measures 4.4 points at epoch 4
 # (2,000 steps, the paper's count) and 0.8 at epoch 10 (5,000 steps), so the study spawns it at 1, 4 and 10,
 # and the setting spawns at 10 (`profiles.BASE`).
 # Each MLP child costs 100 - k epochs, about 9 minutes on 2 threads. The study runs on the first replicate
