@@ -391,6 +391,18 @@ def test_averaging_changes_are_what_the_claim_holds_to_the_gap():
     assert naive.loc["logits"].to_numpy() == pytest.approx(-0.3) and naive.loc["relu1"].to_numpy() == pytest.approx(0.0)
 
 
+def test_the_spawn_study_is_read_on_the_replicate_mean():
+    """Two replicates whose children connect (and meet LLFC's level) from epochs 1 and 2: on the mean the
+    onset and the first LLFC epoch are both 2, where the earliest replicate alone would say 1."""
+    frames = [spawn_frames(llfc_from=k, lmc_from=k) for k in (1, 2)]
+    curve, layers = (pd.concat([f[i].assign(replicate=r) for r, f in enumerate(frames)], ignore_index=True) for i in (0, 1))
+    [row] = claims.spawn_claims(curve, layers, "cpu")
+    assert row["passed"] and row["value"] == pytest.approx(0.2) and "onset 2; first LLFC epoch 2" in row["detail"]
+    assert "per replicate" in row["detail"] and row["replicates"] == "0.2 / 0.2"
+    layers = layers.assign(depth=layers.layer.map({l: i for i, l in enumerate(LAYERS, 1)}))
+    assert claims.first_llfc_epochs(layers, "cpu").iloc[:, 0].tolist() == [2] * len(LAYERS)
+
+
 def test_first_llfc_epochs_and_an_empty_spawn_study():
     _, layers = spawn_frames(llfc_from=2)
     first = claims.first_llfc_epochs(layers.assign(depth=layers.layer.map({l: i for i, l in enumerate(LAYERS, 1)})), "cpu")

@@ -553,8 +553,8 @@ def spawn_llfc(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
 
 def first_llfc_epochs(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
     """Per (setting, depth, layer) of the spawn study: the first spawn epoch at which LLFC's level holds
-    there (`spawn_llfc`; layers where it never holds are left out)."""
-    held = spawn_llfc(spawn_layers, profile)
+    there on the replicate mean (`spawn_llfc`; layers where it never holds are left out)."""
+    held = spawn_llfc(replicate_mean(spawn_layers), profile)
     first = held[held.llfc].groupby(["setting", "depth", "layer"]).spawn_epoch.min()
     return first.rename(f"first spawn epoch with cos_dist <= {tolerance('llfc_level', profile)}").to_frame()
 
