@@ -403,6 +403,20 @@ def test_the_spawn_study_is_read_on_the_replicate_mean():
     assert claims.first_llfc_epochs(layers, "cpu").iloc[:, 0].tolist() == [2] * len(LAYERS)
 
 
+def test_the_spawn_onset_averages_barriers_not_curves():
+    """Two replicates whose midpoints err 4 points above the line at alpha = 0.25 and 0.75 respectively: each
+    barrier is 4 points (above the cpu tolerance of 3), their mean curve's only 2. Epoch 0 is that pair, epoch
+    1 connected: the mean barrier (4) makes an onset at 1; the mean curve (2) would have called epoch 0 LMC."""
+    curve = pd.DataFrame([{"setting": "mnist-mlp", "replicate": r, "pair": "spawn", "correction": "none",
+                           "split": "test", "spawn_epoch": k, "alpha": a, "loss": 0.0,
+                           "error": 0.04 if (k == 0 and a == peak) else 0.0}
+                          for r, peak in enumerate((0.25, 0.75)) for k in (0, 1) for a in (0.0, 0.25, 0.5, 0.75, 1.0)])
+    _, layers = spawn_frames(epochs=(0, 1))
+    layers = pd.concat([layers.assign(replicate=r) for r in (0, 1)], ignore_index=True)
+    [row] = claims.spawn_claims(curve, layers, "cpu")
+    assert row["passed"] and row["value"] == pytest.approx(0.04) and "onset 1" in row["detail"]
+
+
 def test_first_llfc_epochs_and_an_empty_spawn_study():
     _, layers = spawn_frames(llfc_from=2)
     first = claims.first_llfc_epochs(layers.assign(depth=layers.layer.map({l: i for i, l in enumerate(LAYERS, 1)})), "cpu")

@@ -145,6 +145,23 @@ def test_committed_results_match_the_code(profile):
         assert not stale, f"results/{profile}/{table}.csv is stale for {sorted(stale)}"
 
 
+@pytest.mark.parametrize("profile", ["cpu", "paper"])
+def test_committed_tables_carry_every_replicate(profile):
+    """Issue #22's rule: every committed table of a setting (or sweep) has the rows of each of its replicates,
+    and at cpu the MLPs have at least 3, the conv nets and chapter 5's sweeps at least 2 and 3."""
+    root = Path(__file__).resolve().parent.parent / "results" / profile
+    manifest = json.loads((root / "manifest.json").read_text())
+    settings, sweeps = profiles.get_settings(profile), width.get_sweeps(profile)
+    for table, recorded in manifest["tables"].items():
+        rows = pd.read_csv(root / f"{table}.csv")
+        for name in recorded:
+            want = (sweeps[name] if table.startswith("width_") else settings[name]).replicates
+            assert set(rows[rows.setting == name].replicate) == set(range(want)), (profile, table, name)
+    if profile == "cpu":
+        assert all(s.replicates >= (3 if s.recipe.model["arch"] == "mlp" else 2) for s in settings.values())
+        assert all(s.replicates >= 3 for s in sweeps.values())
+
+
 def test_profiles_are_overrides_of_one_base():
     """Each profile changes only what it lists: a field no profile overrides is the base's everywhere."""
     for profile, chosen in profiles.PROFILES.items():

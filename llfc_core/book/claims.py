@@ -559,19 +559,23 @@ def first_llfc_epochs(spawn_layers: pd.DataFrame, profile: str) -> pd.DataFrame:
     return first.rename(f"first spawn epoch with cos_dist <= {tolerance('llfc_level', profile)}").to_frame()
 
 
-@replicated
 def spawn_claims(spawn_lmc: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
     """`spawn.onset`, per setting of the spawn study: some spawn epoch's children are not LMC (test error
     barrier above chapter 1's tolerance) and a later epoch's are. The value is the largest barrier among the
     epochs before the last one that holds (NaN when none holds); it must exceed the tolerance. A study whose
     children are connected from the first spawn point has no onset to find, and fails: LLFC cannot be
     seen to appear with LMC there. The first epoch at which LLFC's level holds in the layer share (at
-    alpha = 0.5, `spawn_llfc`) is reported beside it."""
+    alpha = 0.5, `spawn_llfc`) is reported beside it. Decided, like chapter 1's barriers, on the mean of the
+    replicates' barriers (not on the barrier of their mean curve, which peaks lower where they peak apart)."""
+    if spawn_layers.empty:  # no setting of the run is in the spawn study
+        return []
+    return _spawn_onset(spawn_barriers(spawn_lmc), spawn_layers, profile)
+
+
+@replicated
+def _spawn_onset(bar: pd.DataFrame, spawn_layers: pd.DataFrame, profile: str) -> list[dict]:
     rows = []
     tol, share = tolerance("barrier", profile), tolerance("layer_share", profile)
-    if spawn_layers.empty:  # no setting of the run is in the spawn study
-        return rows
-    bar = spawn_barriers(spawn_lmc)
     bar = bar[bar.split == "test"]
     for setting, g in spawn_llfc(spawn_layers, profile).groupby("setting", sort=False):
         b = bar[bar.setting == setting].set_index("spawn_epoch").error_barrier.sort_index()
