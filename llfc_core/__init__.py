@@ -3,10 +3,9 @@
 The pipeline, one module per step:
     data -> models -> recipes/train/cache -> permutation/matching -> interpolate -> metrics -> results/plots
 """
-from .runtime import configure_allocator, configure_threads, default_device, repo_root
+from .runtime import configure_threads, default_device, repo_root
 
 __version__ = "0.1.0"
 configure_threads()
-configure_allocator()
 
 __all__ = ["configure_threads", "default_device", "repo_root", "__version__"]

@@ -1,4 +1,4 @@
-"""Process-wide settings: thread count, the C allocator, devices, training precision and the default folders.
+"""Process-wide settings: thread count, devices, training precision and the default folders.
 
 Torch with 2 threads on a 2-core machine slows down 15-30x as soon as another process competes for
 the cores, so the thread count is a setting (LLFC_THREADS) rather than torch's guess; tests and CI
@@ -16,7 +16,6 @@ is refused before it starts. On the CPU nothing is measured and the batch is the
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
 from dataclasses import dataclass
@@ -35,30 +34,6 @@ def configure_threads(n: int | None = None) -> int:
             raise ValueError(f"thread count must be >= 1, got {n}")
         torch.set_num_threads(n)
     return torch.get_num_threads()
-
-
-# glibc hands a freed block above its mmap threshold back to the kernel at once, and trims the heap's top above
-# its trim threshold; both adapt only after the fact. A CPU training step frees and reallocates the same few
-# large buffers every step (autocast's bf16 weight copies, gradients, activations: MBs each), so until the
-# thresholds have caught up every step pays page faults for memory it just returned. Fixed thresholds above
-# those sizes keep the buffers in the heap (memory stays bounded by the peak of one step; numerics are
-# untouched: torch aligns every CPU tensor to 64 bytes either way).
-MALLOC_MMAP_THRESHOLD = 64 << 20
-MALLOC_TRIM_THRESHOLD = 512 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (<malloc.h>)
-
-
-def configure_allocator() -> bool:
-    """Set glibc's malloc thresholds (above) unless $LLFC_MALLOC=system; True when they were set. A no-op
-    returning False where the C library is not glibc (macOS, musl, Windows)."""
-    if os.environ.get("LLFC_MALLOC", "tuned") == "system" or platform.system() != "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # no glibc, or one without mallopt
-        return False
 
 
 def default_device() -> torch.device:

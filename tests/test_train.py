@@ -483,33 +483,3 @@ def test_stacked_training_refuses_what_it_cannot_reproduce():
     with pytest.raises(TrainingDiverged, match=r"\(1, 1\)"):
         train_stacked(replace(TINY, precision="fp32", lr=1e6, schedule="constant"), [(1, 1)], device="cpu")
     assert len(train_stacked(replace(TINY, precision="fp32", epochs=1), [(0, 0)], device="cpu")) == 1
-
-
-_TRAIN_AND_HASH = """
-import hashlib
-from dataclasses import replace
-import torch
-from llfc_core import runtime, train
-from tests.test_train import TINY_CONV
-state = train.train(replace(TINY_CONV, precision="bf16"), device="cpu").model.state_dict()
-digest = hashlib.sha256(b"".join(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for v in state.values()))
-print(runtime.configure_allocator(), digest.hexdigest())
-"""
-
-
-@pytest.mark.skipif(runtime.platform.system() != "Linux", reason="the malloc thresholds are glibc's")
-def test_the_tuned_allocator_changes_no_weight():
-    """`runtime.configure_allocator` (set on import) moves where buffers live, not what is computed: the same
-    bf16 conv training in a process with glibc's own thresholds ends at bit-identical weights."""
-    import os
-    import subprocess
-    import sys
-
-    def run(malloc):
-        env = {**os.environ, "LLFC_MALLOC": malloc, "LLFC_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-c", _TRAIN_AND_HASH], env=env, capture_output=True, text=True,
-                             check=True, cwd=runtime.repo_root(), timeout=300)
-        return out.stdout.split()
-
-    (tuned, a), (system, b) = run("tuned"), run("system")
-    assert (tuned, system) == ("True", "False") and a == b
