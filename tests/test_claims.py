@@ -239,6 +239,23 @@ def test_cm_must_lower_the_objective_clearly_below_its_start():
     assert not verdict(claims.cm_claims(*cm_frames(cm_barrier=0.03), "cpu"), "cm.lmc", split="train")
 
 
+def test_cm_lmc_averages_the_replicates_barriers_not_their_curves():
+    """CM errs 2 points above the line in each of two replicates, at alpha = 0.25 in one and 0.75 in the other:
+    its barrier is 2 points in both (1.5 above WM's 0.5, beyond the 1-point margin), but its mean curve peaks
+    at 1 point only, which would have passed."""
+    def replicate(r, peak):
+        cm, lmc, cond = cm_frames()
+        lmc = lmc[lmc.pair != "cm"]
+        cm_curve = pd.DataFrame([{"setting": "mnist-mlp", "pair": "cm", "correction": "none", "split": split,
+                                  "alpha": a, "loss": 0.0, "error": 0.02 if a == peak else 0.0}
+                                 for split in ("train", "test") for a in (0.0, 0.25, 0.5, 0.75, 1.0)])
+        return [f.assign(replicate=r) for f in (cm, pd.concat([lmc, cm_curve], ignore_index=True), cond)]
+    frames = [pd.concat(parts, ignore_index=True) for parts in zip(replicate(0, 0.25), replicate(1, 0.75))]
+    rows = claims.cm_claims(*frames, "cpu")
+    assert not verdict(rows, "cm.lmc", split="test")
+    assert next(r for r in rows if r["claim"] == "cm.lmc")["value"] == pytest.approx(0.015)
+
+
 def test_cm_lmc_says_nothing_where_the_reference_is_no_better_than_naive():
     # CM within the margin of WM (0.5 %), but WM no better than the naive pair: the comparison is empty, it fails
     rows = claims.cm_claims(*cm_frames(naive_barrier=0.02), "cpu")

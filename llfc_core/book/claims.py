@@ -426,11 +426,10 @@ def under_cm_correction(lmc: pd.DataFrame) -> pd.DataFrame:
     return lmc[(has & (lmc.correction == CM_CORRECTION)) | (~has & (lmc.correction == PAPER_CORRECTION))]
 
 
-@replicated
 def cm_claims(cm: pd.DataFrame, lmc: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list[dict]:
     """`cm`: the table of that name (the commutativity objective of each method's permutation, on CM's
     training subset); `lmc` / `conditions`: chapters 1 and 3's tables with the CM pair's rows added, every
-    BatchNorm convention included.
+    BatchNorm convention included. The barriers are each replicate's, then averaged (as in chapter 1).
 
     `cm.com_lower`: CM's objective at least `cm_gain` below the better of WM's and AM's (CM's search starts
     from that one, so a plain "below" holds by construction); the test Dist_com is shown beside it.
@@ -440,6 +439,11 @@ def cm_claims(cm: pd.DataFrame, lmc: pd.DataFrame, conditions: pd.DataFrame, pro
     row fails (as a NaN correlation does)."""
     from ..interpolate import barriers
 
+    return _cm_claims(cm, barriers(under_cm_correction(lmc)), conditions, profile)
+
+
+@replicated
+def _cm_claims(cm: pd.DataFrame, table: pd.DataFrame, conditions: pd.DataFrame, profile: str) -> list[dict]:
     rows = []
     gain, margin, separated = tolerance("cm_gain", profile), tolerance("cm_margin", profile), tolerance("naive_margin", profile)
     half = conditions[(conditions.alpha == 0.5) & (conditions.kind == "linear") & (conditions.dist_h > 0)]
@@ -456,7 +460,7 @@ def cm_claims(cm: pd.DataFrame, lmc: pd.DataFrame, conditions: pd.DataFrame, pro
                          f"objective CM {mine:.4f} vs " + ", ".join(f"{p.upper()} {v:.4f}" for p, v in starts.items())
                          + f" ({1 - ratio:.2%} below the better)" + (f"; test median Dist_com {tested}" if tested else ""),
                          "train"))
-    table = barriers(under_cm_correction(lmc)).set_index(["setting", "pair", "split"])
+    table = table.set_index(["setting", "pair", "split"])
     for setting, split in table.index.droplevel("pair").unique():
         if (setting, "cm", split) not in table.index:
             continue
